@@ -1,0 +1,1 @@
+"""fastsft.data: see ../shared/DESIGN.md (arrives with its own issue)."""

@@ -1,0 +1,1 @@
+"""fastsft.train: see ../shared/DESIGN.md (arrives with its own issue)."""
