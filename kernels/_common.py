@@ -38,3 +38,19 @@ def dot_acc(a, b, acc, DOT_IN_FP32: tl.constexpr, DOT_IEEE: tl.constexpr):
     else:
         acc = tl.dot(a, b, acc)
     return acc
+
+
+@triton.jit
+def cast_rounded(x, dtype: tl.constexpr, FIX_BF16_ROUNDING: tl.constexpr):
+    """x.to(dtype), rounding to nearest-even as the GPU does.
+
+    The Triton interpreter truncates fp32 -> bf16 (also on stores into bf16 memory), a systematic bias
+    that would make CPU parity of bf16 outputs look 2x worse than torch. Under FIX_BF16_ROUNDING (set
+    when interpreting) the fp32 bits are rounded here first, so that the truncation is exact.
+    """
+    if FIX_BF16_ROUNDING:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)

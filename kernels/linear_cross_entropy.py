@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_acc, dot_config, interpreting
+from ._common import cast_rounded, dot_acc, dot_config, interpreting
 from .cross_entropy import cross_entropy_rows
 
 
@@ -104,6 +104,7 @@ def _grad_hidden_kernel(
     BLOCK_K: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
     DOT_IEEE: tl.constexpr,
+    FIX_BF16_ROUNDING: tl.constexpr,
 ):
     """grad_hidden[ROW_IDS[chunk_start + r], h] = sum_v DLOGITS[r, v] * weight[v, h].
 
@@ -132,12 +133,14 @@ def _grad_hidden_kernel(
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & h_ok[None, :], other=0.0)
         # dlogits enter the dot in the weight's dtype (tensor cores; the same rounding as torch's backward).
-        acc = dot_acc(a.to(WEIGHT_ptr.dtype.element_ty), b, acc, DOT_IN_FP32, DOT_IEEE)
+        a = cast_rounded(a, WEIGHT_ptr.dtype.element_ty, FIX_BF16_ROUNDING)
+        acc = dot_acc(a, b, acc, DOT_IN_FP32, DOT_IEEE)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * weight_row_stride
     rows = tl.load(ROW_IDS_ptr + positions, mask=row_ok, other=0).to(tl.int64)
     out_ptrs = GRAD_HIDDEN_ptr + rows[:, None] * grad_hidden_row_stride + hcols[None, :]
-    tl.store(out_ptrs, acc.to(GRAD_HIDDEN_ptr.dtype.element_ty), mask=row_ok[:, None] & h_ok[None, :])
+    grad = cast_rounded(acc, GRAD_HIDDEN_ptr.dtype.element_ty, FIX_BF16_ROUNDING)
+    tl.store(out_ptrs, grad, mask=row_ok[:, None] & h_ok[None, :])
 
 
 @triton.jit
@@ -161,6 +164,7 @@ def _grad_weight_kernel(
     BLOCK_K: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
     DOT_IEEE: tl.constexpr,
+    FIX_BF16_ROUNDING: tl.constexpr,
 ):
     """GRAD_WEIGHT[v, h] += sum_r DLOGITS[r, v] * hidden[ROW_IDS[chunk_start + r], h]   (fp32, [V, H])
     GRAD_BIAS[v]     += sum_r DLOGITS[r, v]                                         (fp32, [V])
@@ -198,7 +202,8 @@ def _grad_weight_kernel(
             rows = tl.load(ROW_IDS_ptr + chunk_start + local, mask=k_ok, other=0).to(tl.int64)
             b_ptrs = HIDDEN_ptr + rows[:, None] * hidden_row_stride + hcols[None, :]
             b = tl.load(b_ptrs, mask=k_ok[:, None] & h_ok[None, :], other=0.0)
-            acc = dot_acc(a.to(HIDDEN_ptr.dtype.element_ty), b, acc, DOT_IN_FP32, DOT_IEEE)
+            a_cast = cast_rounded(a, HIDDEN_ptr.dtype.element_ty, FIX_BF16_ROUNDING)
+            acc = dot_acc(a_cast, b, acc, DOT_IN_FP32, DOT_IEEE)
     if COMPUTE_WEIGHT:
         out_ptrs = GRAD_WEIGHT_ptr + vcols.to(tl.int64)[:, None] * hidden_size + hcols[None, :]
         out_mask = v_ok[:, None] & h_ok[None, :]
@@ -210,18 +215,36 @@ def _grad_weight_kernel(
             tl.store(bias_ptrs, tl.load(bias_ptrs, mask=v_ok, other=0.0) + bias_acc, mask=v_ok)
 
 
-# Block sizes. The GPU values are a sane Hopper/Ampere starting point (tuned in the GPU kernel issue);
-# the interpreter values are small so that small test shapes cross every block boundary.
-def _blocks() -> dict:
-    if interpreting():
-        return {"M": 16, "N": 32, "K": 16, "warps": 1, "stages": 1}
-    return {"M": 128, "N": 128, "K": 64, "warps": 8, "stages": 3}
+# Block sizes per kernel: (rows or output-tile dims..., reduction dim). The GPU values are a sane Hopper/
+# Ampere starting point (tuned in the GPU kernel issue). In the interpreter each dimension is cut into ~3
+# blocks: small test shapes still cross every block boundary, and large ones stay fast enough on a CPU.
+_GPU_CONFIG = {
+    "logits": {"BLOCK_M": 128, "BLOCK_V": 128, "BLOCK_K": 64},
+    "grad_hidden": {"BLOCK_M": 128, "BLOCK_H": 128, "BLOCK_K": 64},
+    "grad_weight": {"BLOCK_V": 128, "BLOCK_H": 128, "BLOCK_K": 64},
+    "launch": {"num_warps": 8, "num_stages": 3},
+}
 
 
-def chunk_rows_for(n_rows: int, n_vocab: int, workspace_bytes: int) -> int:
+def _interpreter_block(dim: int) -> int:
+    return max(16, min(256, triton.next_power_of_2(triton.cdiv(dim, 3))))
+
+
+def _configs(n_rows: int, n_vocab: int, hidden_size: int) -> dict:
+    if not interpreting():
+        return _GPU_CONFIG
+    m, v, h = (_interpreter_block(d) for d in (n_rows, n_vocab, hidden_size))
+    return {
+        "logits": {"BLOCK_M": m, "BLOCK_V": v, "BLOCK_K": h},
+        "grad_hidden": {"BLOCK_M": m, "BLOCK_H": h, "BLOCK_K": v},
+        "grad_weight": {"BLOCK_V": v, "BLOCK_H": h, "BLOCK_K": m},
+        "launch": {"num_warps": 1, "num_stages": 1},
+    }
+
+
+def chunk_rows_for(n_rows: int, n_vocab: int, workspace_bytes: int, block_m: int) -> int:
     """Rows per chunk: as many as fit the fp32 [rows, V] workspace budget, a multiple of the row block,
     at least one row block and at most all rows (rounded up to the block)."""
-    block_m = _blocks()["M"]
     fit = (workspace_bytes // (4 * n_vocab)) // block_m * block_m
     all_rows = triton.cdiv(max(n_rows, 1), block_m) * block_m
     return max(block_m, min(fit, all_rows))
@@ -257,8 +280,8 @@ def linear_cross_entropy(
     n_rows, hidden_size = hidden.shape
     n_vocab = weight.shape[0]
     device = hidden.device
-    blocks = _blocks()
-    launch = {"num_warps": blocks["warps"], "num_stages": blocks["stages"]}
+    config = _configs(n_rows, n_vocab, hidden_size)
+    launch = config["launch"]
     dots = dot_config(hidden.dtype)
     compute_grad = need_grad_hidden or need_grad_weight or need_grad_bias
 
@@ -269,18 +292,19 @@ def linear_cross_entropy(
     if n_rows == 0:
         return row_losses, grad_hidden, grad_weight, grad_bias
 
-    chunk_rows = chunk_rows_for(n_rows, n_vocab, workspace_bytes)
+    block_m = config["logits"]["BLOCK_M"]
+    chunk_rows = chunk_rows_for(n_rows, n_vocab, workspace_bytes, block_m)
     workspace = torch.empty((min(chunk_rows, n_rows), n_vocab), device=device, dtype=torch.float32)
     cdiv = triton.cdiv
     for chunk_start in range(0, n_rows, chunk_rows):
         rows_here = min(chunk_rows, n_rows - chunk_start)
-        _logits_kernel[(cdiv(rows_here, blocks["M"]) * cdiv(n_vocab, blocks["N"]),)](
+        cfg = config["logits"]
+        _logits_kernel[(cdiv(rows_here, cfg["BLOCK_M"]) * cdiv(n_vocab, cfg["BLOCK_V"]),)](
             hidden, hidden.stride(0), weight, weight.stride(0),
             bias if bias is not None else weight,
             row_ids, num_rows, workspace, workspace.stride(0),
             chunk_start, rows_here, n_vocab, hidden_size,
-            HAS_BIAS=bias is not None,
-            BLOCK_M=blocks["M"], BLOCK_V=blocks["N"], BLOCK_K=blocks["K"], **dots, **launch,
+            HAS_BIAS=bias is not None, **cfg, **dots, **launch,
         )  # fmt: skip
         cross_entropy_rows(
             workspace[:rows_here],
@@ -297,21 +321,23 @@ def linear_cross_entropy(
             row_offset=chunk_start,
         )
         if need_grad_hidden:
-            _grad_hidden_kernel[(cdiv(rows_here, blocks["M"]) * cdiv(hidden_size, blocks["N"]),)](
+            cfg = config["grad_hidden"]
+            _grad_hidden_kernel[(cdiv(rows_here, cfg["BLOCK_M"]) * cdiv(hidden_size, cfg["BLOCK_H"]),)](
                 workspace, workspace.stride(0), weight, weight.stride(0),
                 row_ids, num_rows, grad_hidden, grad_hidden.stride(0),
-                chunk_start, rows_here, n_vocab, hidden_size,
-                BLOCK_M=blocks["M"], BLOCK_H=blocks["N"], BLOCK_K=blocks["K"], **dots, **launch,
+                chunk_start, rows_here, n_vocab, hidden_size, **cfg, **dots, **launch,
+                FIX_BF16_ROUNDING=interpreting(),
             )  # fmt: skip
         if need_grad_weight or need_grad_bias:
-            n_h_blocks = cdiv(hidden_size, blocks["N"]) if need_grad_weight else 1
-            _grad_weight_kernel[(cdiv(n_vocab, blocks["N"]) * n_h_blocks,)](
+            cfg = config["grad_weight"]
+            n_h_blocks = cdiv(hidden_size, cfg["BLOCK_H"]) if need_grad_weight else 1
+            _grad_weight_kernel[(cdiv(n_vocab, cfg["BLOCK_V"]) * n_h_blocks,)](
                 workspace, workspace.stride(0), hidden, hidden.stride(0),
                 row_ids, num_rows,
                 grad_weight if need_grad_weight else workspace,
                 grad_bias if need_grad_bias else workspace,
                 chunk_start, rows_here, n_vocab, hidden_size,
-                COMPUTE_WEIGHT=need_grad_weight, COMPUTE_BIAS=need_grad_bias,
-                BLOCK_V=blocks["N"], BLOCK_H=blocks["N"], BLOCK_K=blocks["K"], **dots, **launch,
+                COMPUTE_WEIGHT=need_grad_weight, COMPUTE_BIAS=need_grad_bias, **cfg, **dots, **launch,
+                FIX_BF16_ROUNDING=interpreting(),
             )  # fmt: skip
     return row_losses, grad_hidden, grad_weight, grad_bias
