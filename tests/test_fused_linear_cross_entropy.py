@@ -93,7 +93,8 @@ def test_fp16(triton_backend):
     labels = make_labels(33, 257, 0.3, DEVICE)
     loss, grads = loss_and_grads(_flce(labels), inputs)
     lowp_loss, lowp_grads = loss_and_grads(
-        lambda h_, w_: torch_lowp_linear_cross_entropy(h_, w_, labels), [t.detach().clone().requires_grad_() for t in inputs]
+        lambda h_, w_: torch_lowp_linear_cross_entropy(h_, w_, labels),
+        [t.detach().clone().requires_grad_() for t in inputs],
     )
     exact_loss, exact_grads = loss_and_grads(_oracle(labels), exact_copies(*inputs))
     assert_within_torch_error("loss", loss, lowp_loss, exact_loss)
@@ -213,7 +214,7 @@ def test_reference_backend_gradients_match_autograd(reference_backend, reduction
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_gradcheck_float64(reference_backend, reduction):
     """Finite differences through the custom op and its registered autograd (float64 runs on reference)."""
-    hidden, weight, bias = (t.detach().double().requires_grad_() for t in make_linear_inputs(7, 5, 11, torch.float32, DEVICE, True))
+    hidden, weight, bias = exact_copies(*make_linear_inputs(7, 5, 11, torch.float32, DEVICE, with_bias=True))
     labels = make_labels(7, 11, 0.3, DEVICE)
     fn = _flce(labels, reduction=reduction, **OPTION_SETS["all"])
     assert torch.autograd.gradcheck(fn, (hidden, weight, bias))

@@ -1,0 +1,93 @@
+"""Compile every Triton kernel for real GPU targets on a machine without a GPU (run as a script).
+
+The interpreter accepts code the GPU compiler rejects (loop-carried type changes, unsupported ops), so
+the CPU suite also compiles each kernel, with its real GPU block sizes, down to a cubin for Ampere
+(sm_80) and Hopper (sm_90) with Triton's bundled ptxas. Prints one JSON line per compile.
+Must run without TRITON_INTERPRET (the interpreter replaces @triton.jit functions at import time).
+"""
+
+import json
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
+
+from fastsft.kernels import cross_entropy as ce  # noqa: E402
+from fastsft.kernels import linear_cross_entropy as lce  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, compile  # noqa: E402
+
+I64_SCALARS = {"row_offset", "chunk_start"}
+FP32_SCALARS = {"label_smoothing", "z_loss", "softcap"}
+
+
+def signature(kernel, pointer_types: dict, default_pointer: str) -> dict:
+    """Triton signature from the kernel's parameter names: X_ptr -> pointer, *_stride and row offsets
+    -> i64, float options -> fp32, other scalars -> i32, constexprs -> constexpr."""
+    sig = {}
+    for param in kernel.params:
+        name = param.name
+        if param.is_constexpr:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + pointer_types.get(name, default_pointer)
+        elif name.endswith("_stride") or name in I64_SCALARS:
+            sig[name] = "i64"
+        elif name in FP32_SCALARS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def cases(dtype: str):
+    dots = {"DOT_IN_FP32": False, "DOT_IEEE": dtype == "fp32", "FIX_BF16_ROUNDING": False}
+    index = {"LABELS_ptr": "i64", "ROW_IDS_ptr": "i64", "NUM_ROWS_ptr": "i32"}
+    gemm_launch = lce._GPU_CONFIG["launch"]
+    yield (
+        ce._cross_entropy_rows_kernel,
+        dict(index, LOGITS_ptr=dtype, LOSS_ptr="fp32", ROW_SCALE_ptr="fp32", GRAD_ptr=dtype),
+        {"HAS_ROW_IDS": True, "HAS_SOFTCAP": True, "COMPUTE_GRAD": True, "BLOCK_V": 4096, "FIX_BF16_ROUNDING": False},
+        {"num_warps": 8},
+    )
+    yield (
+        lce._logits_kernel,
+        dict(index, HIDDEN_ptr=dtype, WEIGHT_ptr=dtype, BIAS_ptr=dtype, OUT_ptr="fp32"),
+        dict(lce._GPU_CONFIG["logits"], HAS_BIAS=True, DOT_IN_FP32=False, DOT_IEEE=dtype == "fp32"),
+        gemm_launch,
+    )
+    yield (
+        lce._grad_hidden_kernel,
+        dict(index, DLOGITS_ptr="fp32", WEIGHT_ptr=dtype, GRAD_HIDDEN_ptr=dtype),
+        dict(lce._GPU_CONFIG["grad_hidden"], **dots),
+        gemm_launch,
+    )
+    yield (
+        lce._grad_weight_kernel,
+        dict(index, DLOGITS_ptr="fp32", HIDDEN_ptr=dtype, GRAD_WEIGHT_ptr="fp32", GRAD_BIAS_ptr="fp32"),
+        dict(lce._GPU_CONFIG["grad_weight"], COMPUTE_WEIGHT=True, COMPUTE_BIAS=True, **dots),
+        gemm_launch,
+    )
+
+
+def main() -> int:
+    failures = 0
+    for arch in (80, 90):
+        for dtype in ("bf16", "fp16", "fp32"):
+            for kernel, pointers, constexprs, options in cases(dtype):
+                record = {"kernel": kernel.__name__, "arch": arch, "dtype": dtype}
+                try:
+                    src = ASTSource(kernel, signature(kernel, pointers, dtype), constexprs=constexprs)
+                    compiled = compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+                    ptx = compiled.asm["ptx"]
+                    record.update(ok=True, wgmma="wgmma" in ptx, mma_sync="mma.sync" in ptx)
+                    record.update(shared_bytes=compiled.metadata.shared, cubin_bytes=len(compiled.asm["cubin"]))
+                except Exception as exc:  # report every failure, not just the first
+                    failures += 1
+                    record.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:2000]}")
+                print(json.dumps(record), flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Packaging: kernels/ installs as fastsft.kernels (editable and wheel), the optional native extension
+builds and degrades cleanly, and the command line answers."""
+
+import os
+import shutil
+import subprocess
+import sys
+import types
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import fastsft
+from fastsft import _native
+
+REPO = Path(__file__).resolve().parents[1]
+
+def test_kernels_subpackage_maps_to_kernels_dir():
+    import fastsft.kernels.linear_cross_entropy as module
+
+    assert Path(module.__file__).resolve().parent.name == "kernels"
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler")
+def test_native_extension_was_built_and_matches():
+    module = _native.native_module()
+    assert module is not None, _native.load_error()
+    assert module.abi_version() == _native.EXPECTED_ABI_VERSION
+
+def test_missing_native_extension_falls_back(monkeypatch):
+    _native._reset_for_tests()
+    monkeypatch.setitem(sys.modules, "fastsft._C", None)  # makes `import fastsft._C` raise ImportError
+    try:
+        assert _native.native_module() is None
+        assert "pure-Python fallbacks" in _native.load_error()
+    finally:
+        _native._reset_for_tests()
+
+def test_stale_native_extension_is_refused(monkeypatch):
+    _native._reset_for_tests()
+    stale = types.ModuleType("fastsft._C")
+    stale.abi_version = lambda: _native.EXPECTED_ABI_VERSION + 1
+    monkeypatch.setitem(sys.modules, "fastsft._C", stale)
+    try:
+        assert _native.native_module() is None
+        assert "rebuild it" in _native.load_error()
+    finally:
+        _native._reset_for_tests()
+
+def test_wheel_contains_kernels_and_native_extension(tmp_path):
+    """A regular (non-editable) build: the wheel holds fastsft/kernels/*.py and, with a compiler, _C; the
+    installed copy imports from its own location."""
+    wheels = tmp_path / "wheels"
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr[-3000:]
+    (wheel,) = wheels.glob("fastsft-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "fastsft/kernels/linear_cross_entropy.py" in names and "fastsft/ops/reference.py" in names
+    if shutil.which("c++") or shutil.which("g++"):
+        assert any(n.startswith("fastsft/_C") and n.endswith(".so") for n in names), names
+    assert not any(n.startswith("kernels/") for n in names)
+
+    target = tmp_path / "site"
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert install.returncode == 0, install.stderr[-3000:]
+    probe = "import fastsft, fastsft.kernels.cross_entropy as k; print(fastsft.__file__); print(k.__file__)"
+    env = dict(os.environ, PYTHONPATH=str(target))
+    run = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert all(line.startswith(str(target)) for line in run.stdout.split()), run.stdout
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "fastsft.cli", *args], capture_output=True, text=True, timeout=300)
+
+def test_cli_train_default_job_says_what_is_available():
+    result = _cli("train")
+    assert result.returncode == 0, result.stderr
+    assert "training-loop issue" in result.stdout and "fused_linear_cross_entropy" in result.stdout
+
+def test_cli_info_reports_versions_and_backend():
+    result = _cli("info")
+    assert result.returncode == 0, result.stderr
+    assert f"fastsft       {fastsft.__version__}" in result.stdout and "backend" in result.stdout
+
+def test_cli_rejects_unknown_command():
+    result = _cli("fly")
+    assert result.returncode == 2 and "invalid choice" in result.stderr
+
+def test_patch_is_not_silently_a_no_op():
+    with pytest.raises(NotImplementedError, match="patching issue"):
+        fastsft.patch(object())
