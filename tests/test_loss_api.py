@@ -65,6 +65,8 @@ def _inputs():
         (lambda h, w, y: (h, w, torch.where(y == y[0], 20, y)), ValueError, "is outside [0, 20)"),
         (lambda h, w, y: (h, w, torch.where(y == y[0], -5, y)), ValueError, "labels[0] = -5"),
         (lambda h, w, y: (h, w[:0], y), ValueError, "empty vocabulary"),
+        (lambda h, w, y: (h, w.to("meta"), y), ValueError, "weight is on meta but hidden is on cpu"),
+        (lambda h, w, y: (h, w, y.to("meta")), ValueError, "labels is on meta but the inputs are on cpu"),
     ],
 )
 def test_fused_linear_cross_entropy_errors(mutate, error, words):
@@ -89,6 +91,18 @@ def test_option_errors(kwargs, words):
     with pytest.raises(ValueError) as info:
         fused_linear_cross_entropy(hidden, weight, labels, **kwargs)
     assert words in str(info.value)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_opcheck_custom_ops(reference_backend, reduction):
+    """torch.library.opcheck: schema, fake (meta) implementations and autograd registration agree."""
+    from fastsft.ops.cross_entropy import _ce_op, _flce_op
+
+    hidden, weight, bias = make_linear_inputs(9, 8, 13, torch.float32, DEVICE, with_bias=True)
+    labels = make_labels(9, 13, 0.3, DEVICE)
+    torch.library.opcheck(_flce_op, (hidden, weight, labels, bias, -100, reduction, 0.1, 1e-3, 5.0, True, True, True))
+    logits = (torch.randn(9, 13, device=DEVICE)).requires_grad_()
+    torch.library.opcheck(_ce_op, (logits, labels, -100, reduction, 0.1, 1e-3, 5.0))
 
 
 def test_cross_entropy_errors():
@@ -141,6 +155,26 @@ def test_no_host_sync_on_cuda(triton_backend, reduction):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(hidden.grad.float()).all()
+
+
+@pytest.mark.gpu
+def test_int64_offsets(triton_backend):
+    """V * H > 2^31 elements: every weight / workspace offset must be computed in 64 bits."""
+    n, h, v = 67, 16400, 131101
+    hidden, weight = make_linear_inputs(n, h, v, torch.bfloat16, DEVICE)
+    labels = make_labels(n, v, 0.3, DEVICE)
+    labels[0] = v - 1  # a target in the last rows of the weight
+    loss, (grad_hidden, grad_weight) = loss_and_grads(
+        lambda a, b: fused_linear_cross_entropy(a, b, labels), [hidden, weight]
+    )
+    exact = [t.detach().float().requires_grad_() for t in (hidden, weight)]
+    exact_loss, exact_grads = loss_and_grads(
+        lambda a, b: reference.fused_linear_cross_entropy(a, b, labels), exact
+    )
+    assert abs(loss.item() - exact_loss.item()) <= 1e-3 * abs(exact_loss.item())
+    for got, want in zip((grad_hidden, grad_weight), exact_grads, strict=True):
+        rel = (got.float() - want).norm() / want.norm()
+        assert rel < 1e-2, f"relative error {rel:.2e}"
 
 
 @pytest.mark.gpu

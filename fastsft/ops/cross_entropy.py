@@ -252,6 +252,9 @@ def fused_linear_cross_entropy(
     accumulator (V * H * 4 bytes, cast once to weight's dtype) and O(N) per-row statistics; no host
     synchronisation. Labels outside [0, V) raise on CPU; on CUDA set FASTSFT_DEBUG=1 to check them
     (a host sync).
+
+    For "mean"/"sum" with grad enabled, the gradients are computed during the forward (no recompute in
+    the backward); evaluate under torch.no_grad() to skip that work.
     """
     op = "fused_linear_cross_entropy"
     check_float(op, "hidden", hidden, 2, "[N, H]")
