@@ -5,6 +5,15 @@ import torch.nn.functional as F
 
 from fastsft.ops import reference
 
+# Every loss option alone and all together.
+OPTION_SETS = {
+    "plain": {},
+    "label_smoothing": {"label_smoothing": 0.1},
+    "z_loss": {"z_loss": 1e-3},
+    "softcap": {"softcap": 4.0},
+    "all": {"label_smoothing": 0.2, "z_loss": 1e-3, "softcap": 4.0},
+}
+
 
 def make_labels(n_rows: int, n_vocab: int, ignored_fraction: float, device, ignore_index: int = -100):
     """Random targets with round(ignored_fraction * n_rows) rows (at random positions) set to ignore_index."""

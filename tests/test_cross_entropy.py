@@ -2,18 +2,11 @@
 
 import pytest
 import torch
-from _losses import exact_copies, loss_and_grads, make_labels, torch_lowp_cross_entropy
+from _losses import OPTION_SETS, exact_copies, loss_and_grads, make_labels, torch_lowp_cross_entropy
 from conftest import DEVICE, assert_close_fp32, assert_within_torch_error
 
 from fastsft.ops import cross_entropy, reference
 
-OPTION_SETS = {
-    "plain": {},
-    "label_smoothing": {"label_smoothing": 0.1},
-    "z_loss": {"z_loss": 1e-3},
-    "softcap": {"softcap": 4.0},
-    "all": {"label_smoothing": 0.2, "z_loss": 1e-3, "softcap": 4.0},
-}
 CPU_SHAPES = [(1, 17), (37, 75), (64, 1000), (9, 50257)]
 GPU_SHAPES = [pytest.param((4099, 128256), marks=pytest.mark.gpu), pytest.param((1000, 152064), marks=pytest.mark.gpu)]
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from _losses import (
+    OPTION_SETS,
     exact_copies,
     loss_and_grads,
     make_labels,
@@ -19,13 +20,6 @@ GPU_SHAPES = [
     pytest.param((4099, 1031, 32003), marks=pytest.mark.gpu),
     pytest.param((2051, 4096, 50257), marks=pytest.mark.gpu),
 ]
-OPTION_SETS = {
-    "plain": {},
-    "label_smoothing": {"label_smoothing": 0.1},
-    "z_loss": {"z_loss": 1e-3},
-    "softcap": {"softcap": 4.0},
-    "all": {"label_smoothing": 0.2, "z_loss": 1e-3, "softcap": 4.0},
-}
 
 
 def _flce(labels, **options):

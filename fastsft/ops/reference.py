@@ -46,6 +46,18 @@ def _reduce(row_losses: torch.Tensor, valid: torch.Tensor, reduction: str) -> to
     return total / valid.sum().clamp(min=1).to(total.dtype)
 
 
+def _row_losses(logits, labels, ignore_index, label_smoothing, z_loss, softcap):
+    """(row_losses [N], z [N, V], lse [N], valid [N], safe_labels [N]) in compute dtype; 0 on ignored rows."""
+    z = _softcapped(logits.to(compute_dtype(logits.dtype)), softcap)
+    valid = labels != ignore_index
+    safe_labels = torch.where(valid, labels, 0).long()
+    lse = torch.logsumexp(z, dim=-1)
+    z_target = z.gather(1, safe_labels.unsqueeze(1)).squeeze(1)
+    row_losses = lse - (1.0 - label_smoothing) * z_target - label_smoothing * z.mean(dim=-1) + z_loss * lse * lse
+    row_losses = torch.where(valid, row_losses, torch.zeros_like(row_losses))
+    return row_losses, z, lse, valid, safe_labels
+
+
 def cross_entropy(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -58,13 +70,7 @@ def cross_entropy(
 ) -> torch.Tensor:
     """Differentiable cross-entropy. logits [N, V] float, labels [N] integer -> scalar (or [N] for "none"),
     in compute_dtype(logits.dtype)."""
-    z = _softcapped(logits.to(compute_dtype(logits.dtype)), softcap)
-    valid = labels != ignore_index
-    lse = torch.logsumexp(z, dim=-1)
-    z_target = z.gather(1, torch.where(valid, labels, 0).long().unsqueeze(1)).squeeze(1)
-    row_losses = lse - (1.0 - label_smoothing) * z_target - label_smoothing * z.mean(dim=-1)
-    row_losses = row_losses + z_loss * lse * lse
-    row_losses = torch.where(valid, row_losses, torch.zeros_like(row_losses))
+    row_losses, _, _, valid, _ = _row_losses(logits, labels, ignore_index, label_smoothing, z_loss, softcap)
     return _reduce(row_losses, valid, reduction)
 
 
@@ -109,23 +115,17 @@ def cross_entropy_rows_with_grads(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row losses [N] and, when row_scale is given (0-dim or [N]), the gradient of
     sum_r row_scale[r] * loss_r with respect to logits [N, V] (in compute dtype; zero on ignored rows)."""
-    dtype = compute_dtype(logits.dtype)
-    raw = logits.to(dtype)
-    z = _softcapped(raw, softcap)
-    n_vocab = z.shape[-1]
-    valid = labels != ignore_index
-    safe_labels = torch.where(valid, labels, 0).long()
-    lse = torch.logsumexp(z, dim=-1)
-    z_target = z.gather(1, safe_labels.unsqueeze(1)).squeeze(1)
-    row_losses = lse - (1.0 - label_smoothing) * z_target - label_smoothing * z.mean(dim=-1)
-    row_losses = torch.where(valid, row_losses + z_loss * lse * lse, torch.zeros_like(row_losses))
+    row_losses, z, lse, valid, safe_labels = _row_losses(
+        logits, labels, ignore_index, label_smoothing, z_loss, softcap
+    )
     if row_scale is None:
         return row_losses, None
+    n_vocab = z.shape[-1]
     dz = torch.exp(z - lse.unsqueeze(1)) * (1.0 + 2.0 * z_loss * lse).unsqueeze(1) - label_smoothing / n_vocab
-    dz.scatter_add_(1, safe_labels.unsqueeze(1), torch.full_like(z_target, label_smoothing - 1.0).unsqueeze(1))
+    dz.scatter_add_(1, safe_labels.unsqueeze(1), torch.full_like(lse, label_smoothing - 1.0).unsqueeze(1))
     if softcap is not None:
         dz = dz * (1.0 - (z / softcap) ** 2)
-    scale = row_scale.to(dtype)
+    scale = row_scale.to(z.dtype)
     scale = scale.unsqueeze(1) if scale.dim() == 1 else scale
     dz = torch.where(valid.unsqueeze(1), dz * scale, torch.zeros_like(dz))
     return row_losses, dz
