@@ -92,14 +92,18 @@ def _cross_entropy_rows_kernel(
         sum_logits += tl.sum(tl.where(in_vocab, z, 0.0), axis=0)
         z = tl.where(in_vocab, z, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(z, axis=0))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
+        # While every logit so far is -inf (e.g. a masked vocabulary slice) shift by 0, not by -inf:
+        # exp(-inf - -inf) would be NaN.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(z - shift), axis=0)
         running_max = new_max
     lse = running_max + tl.log(running_sum)
     z_target = tl.load(logits_row + label).to(tl.float32)
     if HAS_SOFTCAP:
         z_target = softcap_logits(z_target, softcap)
-    loss = lse - (1.0 - label_smoothing) * z_target - label_smoothing * sum_logits / n_vocab
-    loss += z_loss * lse * lse
+    loss = lse - (1.0 - label_smoothing) * z_target + z_loss * lse * lse
+    if label_smoothing > 0.0:  # a -inf logit makes sum_logits -inf: 0 * -inf would be NaN
+        loss -= label_smoothing * sum_logits / n_vocab
     tl.store(LOSS_ptr + row, loss)
 
     if COMPUTE_GRAD:

@@ -193,3 +193,71 @@ def test_memory_stays_within_the_stated_bound(triton_backend):
     bound = workspace + v * h * (4 + 2 + 2) + n * h * 2 * 2 + n * 64
     assert peak <= bound, f"peak {peak / 2**30:.2f} GiB > bound {bound / 2**30:.2f} GiB"
     assert peak < n * v * 2  # less than one bf16 copy of the logits
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_fp16_with_a_loss_scaler(backend, monkeypatch):
+    """GradScaler multiplies the loss by 2^16: fp16 gradients must stay finite and as accurate as torch's
+    own fp16 path (unit-scale gradients computed in the forward would underflow before the scale)."""
+    monkeypatch.setenv("FASTSFT_BACKEND", backend)
+    from _losses import torch_lowp_linear_cross_entropy
+
+    hidden, weight = make_linear_inputs(300, 32, 400, torch.float16, DEVICE, logit_scale=0.5)
+    labels = make_labels(300, 400, 0.3, DEVICE)
+    scale = 65536.0
+    _, grads = loss_and_grads(lambda h, w: fused_linear_cross_entropy(h, w, labels) * scale, [hidden, weight])
+    _, torch_grads = loss_and_grads(lambda h, w: torch_lowp_linear_cross_entropy(h, w, labels) * scale,
+                                    [t.detach().clone().requires_grad_() for t in (hidden, weight)])  # fmt: skip
+    _, exact = loss_and_grads(lambda h, w: reference.fused_linear_cross_entropy(h, w, labels) * scale,
+                              exact_copies(hidden, weight))  # fmt: skip
+    for got, theirs, want in zip(grads, torch_grads, exact, strict=True):
+        assert torch.isfinite(got).all()
+        err = (got.double() - want).norm() / want.norm()
+        torch_err = (theirs.double() - want).norm() / want.norm()
+        assert err <= 2 * torch_err + 1e-6, f"relative error {err:.2e} vs torch fp16 {torch_err:.2e}"
+
+
+def test_incoming_gradient_is_applied_in_fp32():
+    """bf16 gradients times 1/3 (a loss divided by a token count) are rounded once, not twice."""
+    from fastsft.ops.cross_entropy import _scaled
+
+    grad = torch.randn(1000, 7).to(torch.bfloat16)
+    factor = torch.tensor(1.0 / 3.0)
+    assert torch.equal(_scaled(grad, factor, slice_elements=999), (grad.float() * factor).to(torch.bfloat16))
+
+
+def test_double_backward_fails_loudly(reference_backend):
+    hidden, weight = make_linear_inputs(8, 4, 10, torch.float32, DEVICE)
+    labels = make_labels(8, 10, 0.0, DEVICE)
+    (grad_hidden,) = torch.autograd.grad(fused_linear_cross_entropy(hidden, weight, labels), hidden, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(grad_hidden.pow(2).sum(), hidden)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_masked_vocabulary_with_minus_inf_logits(backend, monkeypatch):
+    """-inf logits (a masked vocabulary, including a whole first slice) give torch's finite loss, not NaN."""
+    monkeypatch.setenv("FASTSFT_BACKEND", backend)
+    logits = torch.randn(12, 200, device=DEVICE)
+    logits[:, :150] = float("-inf")
+    labels = torch.randint(150, 200, (12,), device=DEVICE)
+    ours = cross_entropy(logits, labels)
+    theirs = torch.nn.functional.cross_entropy(logits, labels)
+    assert torch.isfinite(ours) and abs(ours.item() - theirs.item()) < 1e-5
+
+
+def test_compile_with_non_contiguous_logits_on_the_reference_backend(reference_backend):
+    torch._dynamo.reset()
+    logits = torch.randn(20, 9, device=DEVICE).t().requires_grad_()  # [9, 20], column-major
+    labels = make_labels(9, 20, 0.2, DEVICE)
+    compiled = torch.compile(lambda x: cross_entropy(x, labels), fullgraph=True, backend="aot_eager")
+    loss, (grad,) = loss_and_grads(compiled, [logits])
+    exact_loss, (exact_grad,) = loss_and_grads(lambda x: reference.cross_entropy(x, labels), exact_copies(logits))
+    assert_close_fp32("loss", loss, exact_loss)
+    assert_close_fp32("d logits", grad, exact_grad)
+
+
+def test_narrow_label_dtypes_are_rejected():
+    hidden, weight, labels = _inputs()
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        fused_linear_cross_entropy(hidden, weight, labels.to(torch.uint8))

@@ -84,7 +84,7 @@ def check_labels(op: str, labels: torch.Tensor, n_rows: int, device: torch.devic
         raise TypeError(f"{op}: labels must be a torch.Tensor [N], got {type(labels).__name__}")
     if labels.dim() != 1 or labels.shape[0] != n_rows:
         raise ValueError(f"{op}: labels must be [N] with N = {n_rows} (one target per row), got {describe(labels)}")
-    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+    if labels.dtype not in (torch.int64, torch.int32):  # narrower types cannot hold ignore_index=-100 alike
         raise TypeError(f"{op}: labels must be an integer tensor (int64 or int32), got {describe(labels)}")
     if labels.device != device:
         raise ValueError(f"{op}: labels is on {labels.device} but the inputs are on {device}")

@@ -35,6 +35,32 @@ def _workspace_bytes() -> int:
     return int(float(os.environ.get("FASTSFT_FLCE_WORKSPACE_MB", DEFAULT_WORKSPACE_MB)) * (1 << 20))
 
 
+def _grads_in_forward(reduction: str, dtype: torch.dtype) -> bool:
+    """Whether the forward computes the gradients (for a unit incoming gradient).
+
+    Not for "none" (the incoming gradient differs per row) and not for float16: with a loss scaler the
+    unit-scale gradients would underflow in fp16 before the scale could be applied, so fp16 recomputes
+    in the backward with the real incoming gradient (one more matmul), exactly as torch's fp16 path
+    scales its logits gradient.
+    """
+    return reduction != "none" and dtype != torch.float16
+
+
+def _scaled(grad: torch.Tensor, factor: torch.Tensor, slice_elements: int = 1 << 24) -> torch.Tensor:
+    """grad * factor (0-dim device tensor) with the product in fp32 and one rounding, in slices so the fp32
+    temporary stays small. (A plain bf16 * tensor product would round the factor itself to bf16 first:
+    a bias of up to 2^-9 whenever factor is, say, 1 / token_count.)"""
+    if grad.dtype in (torch.float32, torch.float64) or grad.numel() == 0:
+        return grad * factor.to(grad.dtype)
+    factor = factor.to(torch.float32)
+    out = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+    flat_in, flat_out = grad.reshape(-1), out.view(-1)
+    for start in range(0, flat_in.numel(), slice_elements):
+        stop = start + slice_elements
+        flat_out[start:stop].copy_(flat_in[start:stop].float() * factor)
+    return out
+
+
 def _empty(like: torch.Tensor) -> torch.Tensor:
     # custom ops return tensors, never None: an absent gradient is an empty tensor.
     return like.new_empty(0)
@@ -107,13 +133,15 @@ def _flce_op(
     need_grad_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss, grad_hidden, grad_weight, grad_bias); the gradients (of the loss, for a unit incoming
-    gradient) are computed only for "mean"/"sum" and only where needed, else empty tensors."""
+    gradient) are computed only where `_grads_in_forward` says and only where needed, else empty."""
     loss_dtype = reference.compute_dtype(hidden.dtype)
-    if reduction == "none":
+    if not _grads_in_forward(reduction, hidden.dtype):
         row_losses, *_ = _flce_losses_and_grads(
             hidden, weight, labels, bias, None, ignore_index, label_smoothing, z_loss, softcap,
             (False, False, False),
         )  # fmt: skip
+        if reduction != "none":
+            row_losses = row_losses.sum() * _mean_or_sum_scale(labels, ignore_index, reduction)
         return row_losses.to(loss_dtype), _empty(hidden), _empty(weight), _empty(weight)
     scale = _mean_or_sum_scale(labels, ignore_index, reduction)
     needs = (need_grad_hidden, need_grad_weight, need_grad_bias and bias is not None)
@@ -134,7 +162,7 @@ def _flce_fake(hidden, weight, labels, bias, ignore_index, reduction, label_smoo
                need_grad_hidden, need_grad_weight, need_grad_bias):  # fmt: skip
     loss_dtype = reference.compute_dtype(hidden.dtype)
     loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (), dtype=loss_dtype)
-    with_grads = reduction != "none"
+    with_grads = _grads_in_forward(reduction, hidden.dtype)
     gh = hidden.new_empty(hidden.shape) if with_grads and need_grad_hidden else _empty(hidden)
     gw = weight.new_empty(weight.shape) if with_grads and need_grad_weight else _empty(weight)
     has_gb = with_grads and need_grad_bias and bias is not None
@@ -182,28 +210,34 @@ def _flce_setup_context(ctx, inputs, output):
     (hidden, weight, labels, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
      need_grad_hidden, need_grad_weight, need_grad_bias) = inputs  # fmt: skip
     _, gh, gw, gb = output
+    # The returned gradients are results, not functions of the inputs that autograd could differentiate:
+    # marking them makes a double backward fail loudly instead of returning zeros.
+    ctx.mark_non_differentiable(gh, gw, gb)
     ctx.reduction = reduction
     ctx.needs = (need_grad_hidden, need_grad_weight, need_grad_bias and bias is not None)
     ctx.options = (ignore_index, label_smoothing, z_loss, softcap)
-    if reduction == "none":
-        ctx.save_for_backward(hidden, weight, labels, bias)
-    else:
+    ctx.grads_in_forward = _grads_in_forward(reduction, hidden.dtype)
+    if ctx.grads_in_forward:
         ctx.save_for_backward(gh, gw, gb)
+    else:
+        ctx.save_for_backward(hidden, weight, labels, bias)
 
 
 def _flce_backward(ctx, grad_loss, *_grads_of_grad_outputs):
     need_grad_hidden, need_grad_weight, need_grad_bias = ctx.needs
-    if ctx.reduction == "none":
+    if ctx.grads_in_forward:
+        # The forward computed the gradients for a unit incoming gradient; scale by the real one (a 0-dim
+        # device tensor: no sync), in fp32 with one rounding. Exact when it is 1.
+        gh, gw, gb = (_scaled(g, grad_loss) for g in ctx.saved_tensors)
+    else:
         hidden, weight, labels, bias = ctx.saved_tensors
+        grad_rows = grad_loss
+        if ctx.reduction != "none":
+            grad_rows = grad_loss.float() * _mean_or_sum_scale(labels, ctx.options[0], ctx.reduction)
         gh, gw, gb = _flce_backward_op(
-            hidden, weight, labels, bias, grad_loss.contiguous(), *ctx.options,
+            hidden, weight, labels, bias, grad_rows.contiguous(), *ctx.options,
             need_grad_hidden, need_grad_weight, need_grad_bias,
         )  # fmt: skip
-    else:
-        # The forward computed the gradients for a unit incoming gradient; scale by the real one (a 0-dim
-        # device tensor: no sync). Exact when it is 1, one extra rounding of the cast grads otherwise.
-        gh, gw, gb = ctx.saved_tensors
-        gh, gw, gb = (g * grad_loss.to(g.dtype) for g in (gh, gw, gb))
     return (
         gh if need_grad_hidden else None,
         gw if need_grad_weight else None,
@@ -253,8 +287,10 @@ def fused_linear_cross_entropy(
     synchronisation. Labels outside [0, V) raise on CPU; on CUDA set FASTSFT_DEBUG=1 to check them
     (a host sync).
 
-    For "mean"/"sum" with grad enabled, the gradients are computed during the forward (no recompute in
-    the backward); evaluate under torch.no_grad() to skip that work.
+    For "mean"/"sum" with grad enabled and bf16/fp32 inputs, the gradients are computed during the forward
+    (no recompute in the backward; evaluate under torch.no_grad() to skip that work) and scaled by the
+    incoming gradient in fp32. float16 and "none" recompute in the backward with the real incoming
+    gradient, so a loss scaler's factor reaches the fp16 gradients before they are rounded.
     """
     op = "fused_linear_cross_entropy"
     check_float(op, "hidden", hidden, 2, "[N, H]")
@@ -306,7 +342,8 @@ def _ce_rows(logits, labels, row_scale, ignore_index, label_smoothing, z_loss, s
     options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
     if select_backend("cross_entropy", logits) == "reference":
         row_losses, grad = reference.cross_entropy_rows_with_grads(logits, labels, row_scale, **options)
-        return row_losses, (grad.to(logits.dtype) if grad is not None else None)
+        # contiguous like the fake implementation says, whatever the logits' strides
+        return row_losses, (grad.to(logits.dtype).contiguous() if grad is not None else None)
     from fastsft.kernels.cross_entropy import cross_entropy_rows
 
     logits = unit_stride_rows(logits)

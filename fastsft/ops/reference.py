@@ -53,7 +53,9 @@ def _row_losses(logits, labels, ignore_index, label_smoothing, z_loss, softcap):
     safe_labels = torch.where(valid, labels, 0).long()
     lse = torch.logsumexp(z, dim=-1)
     z_target = z.gather(1, safe_labels.unsqueeze(1)).squeeze(1)
-    row_losses = lse - (1.0 - label_smoothing) * z_target - label_smoothing * z.mean(dim=-1) + z_loss * lse * lse
+    row_losses = lse - (1.0 - label_smoothing) * z_target + z_loss * lse * lse
+    if label_smoothing > 0.0:  # only then: a -inf logit (a masked token) would make 0 * -inf = NaN
+        row_losses = row_losses - label_smoothing * z.mean(dim=-1)
     row_losses = torch.where(valid, row_losses, torch.zeros_like(row_losses))
     return row_losses, z, lse, valid, safe_labels
 
