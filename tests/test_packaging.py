@@ -16,10 +16,12 @@ from fastsft import _native
 
 REPO = Path(__file__).resolve().parents[1]
 
+
 def test_kernels_subpackage_maps_to_kernels_dir():
     import fastsft.kernels.linear_cross_entropy as module
 
     assert Path(module.__file__).resolve().parent.name == "kernels"
+
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler")
 def test_native_extension_was_built_and_matches():
@@ -27,25 +29,28 @@ def test_native_extension_was_built_and_matches():
     assert module is not None, _native.load_error()
     assert module.abi_version() == _native.EXPECTED_ABI_VERSION
 
-def test_missing_native_extension_falls_back(monkeypatch):
-    _native._reset_for_tests()
-    monkeypatch.setitem(sys.modules, "fastsft._C", None)  # makes `import fastsft._C` raise ImportError
-    try:
-        assert _native.native_module() is None
-        assert "pure-Python fallbacks" in _native.load_error()
-    finally:
-        _native._reset_for_tests()
 
-def test_stale_native_extension_is_refused(monkeypatch):
+@pytest.fixture
+def fresh_native_loader():
+    """Forget what fastsft._native loaded, before and after the test (monkeypatch restores sys.modules)."""
     _native._reset_for_tests()
+    yield
+    _native._reset_for_tests()
+
+
+def test_missing_native_extension_falls_back(fresh_native_loader, monkeypatch):
+    monkeypatch.setitem(sys.modules, "fastsft._C", None)  # makes `import fastsft._C` raise ImportError
+    assert _native.native_module() is None
+    assert "pure-Python fallbacks" in _native.load_error()
+
+
+def test_stale_native_extension_is_refused(fresh_native_loader, monkeypatch):
     stale = types.ModuleType("fastsft._C")
     stale.abi_version = lambda: _native.EXPECTED_ABI_VERSION + 1
     monkeypatch.setitem(sys.modules, "fastsft._C", stale)
-    try:
-        assert _native.native_module() is None
-        assert "rebuild it" in _native.load_error()
-    finally:
-        _native._reset_for_tests()
+    assert _native.native_module() is None
+    assert "rebuild it" in _native.load_error()
+
 
 def test_wheel_contains_kernels_and_native_extension(tmp_path):
     """A regular (non-editable) build: the wheel holds fastsft/kernels/*.py and, with a compiler, _C; the
@@ -75,22 +80,27 @@ def test_wheel_contains_kernels_and_native_extension(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert all(line.startswith(str(target)) for line in run.stdout.split()), run.stdout
 
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "fastsft.cli", *args], capture_output=True, text=True, timeout=300)
+
 
 def test_cli_train_default_job_says_what_is_available():
     result = _cli("train")
     assert result.returncode == 0, result.stderr
     assert "training-loop issue" in result.stdout and "fused_linear_cross_entropy" in result.stdout
 
+
 def test_cli_info_reports_versions_and_backend():
     result = _cli("info")
     assert result.returncode == 0, result.stderr
     assert f"fastsft       {fastsft.__version__}" in result.stdout and "backend" in result.stdout
 
+
 def test_cli_rejects_unknown_command():
     result = _cli("fly")
     assert result.returncode == 2 and "invalid choice" in result.stderr
+
 
 def test_patch_is_not_silently_a_no_op():
     with pytest.raises(NotImplementedError, match="patching issue"):
