@@ -4,6 +4,17 @@ This package is the only importer of fastsft.kernels (Triton) and fastsft._C (na
 for each call follows FASTSFT_BACKEND (see fastsft/ops/_backend.py).
 """
 
+from .activations import geglu, swiglu
 from .cross_entropy import cross_entropy, fused_linear_cross_entropy
+from .rms_norm import add_rms_norm, rms_norm
+from .rope import apply_rope
 
-__all__ = ["cross_entropy", "fused_linear_cross_entropy"]
+__all__ = [
+    "add_rms_norm",
+    "apply_rope",
+    "cross_entropy",
+    "fused_linear_cross_entropy",
+    "geglu",
+    "rms_norm",
+    "swiglu",
+]

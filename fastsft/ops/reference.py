@@ -191,3 +191,105 @@ def fused_linear_cross_entropy_with_grads(
         if grad_bias is not None:
             grad_bias += dz.sum(dim=0)
     return row_losses, grad_hidden, grad_weight, grad_bias
+
+
+# --------------------------------------------------------------------------------------------------
+# RoPE, RMSNorm, gated activations
+# --------------------------------------------------------------------------------------------------
+
+
+def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, inverse: bool = False) -> torch.Tensor:
+    """HF rotate_half RoPE on x [T, H, D] with cos/sin [T, R] (R even, R <= D; dims R.. pass through):
+    y = x * cos + rotate_half(x) * sin, or with inverse=True its transpose (the backward).
+    Computed in compute_dtype, returned in x's dtype. Differentiable."""
+    dtype = compute_dtype(x.dtype)
+    rotary_dim = cos.shape[-1]
+    half = rotary_dim // 2
+    x_rot = x[..., :rotary_dim].to(dtype)
+    c = cos.to(dtype).unsqueeze(1)  # [T, 1, R]: broadcast over heads
+    s = sin.to(dtype).unsqueeze(1)
+    x1, x2 = x_rot[..., :half], x_rot[..., half:]
+    c1, c2, s1, s2 = c[..., :half], c[..., half:], s[..., :half], s[..., half:]
+    if inverse:
+        y = torch.cat((x1 * c1 + x2 * s2, x2 * c2 - x1 * s1), dim=-1)
+    else:
+        y = torch.cat((x1 * c1 - x2 * s1, x2 * c2 + x1 * s2), dim=-1)
+    return torch.cat((y.to(x.dtype), x[..., rotary_dim:]), dim=-1)
+
+
+def apply_rope(q, k, cos, sin):
+    """Differentiable RoPE of q [T, Hq, D] and k [T, Hk, D] with cos/sin [T, R]."""
+    return rope_rotate(q, cos, sin), rope_rotate(k, cos, sin)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, offset: float = 0.0) -> torch.Tensor:
+    """Differentiable RMSNorm over the last dim: x / sqrt(mean(x^2) + eps) * (offset + weight), in
+    compute_dtype, returned in x's dtype."""
+    dtype = compute_dtype(x.dtype)
+    xf = x.to(dtype)
+    rstd = torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return (xf * rstd * (offset + weight.to(dtype))).to(x.dtype)
+
+
+def add_rms_norm(x, residual, weight, eps=1e-6, *, offset=0.0):
+    """Differentiable residual add + RMSNorm: s = x + residual (rounded to x's dtype, as torch's add),
+    returns (rms_norm(s), s)."""
+    summed = x + residual
+    return rms_norm(summed, weight, eps, offset=offset), summed
+
+
+def rms_norm_rows_with_grads(grad_y, x, weight, rstd, *, offset, grad_summed=None, need_grad_weight=True):
+    """Hand-written RMSNorm backward on rows x [N, H] with rstd [N] (compute dtype):
+    (grad_x [N, H], grad_weight [H] or None), both in compute dtype."""
+    dtype = compute_dtype(x.dtype)
+    x_hat = x.to(dtype) * rstd.to(dtype).unsqueeze(1)
+    g = grad_y.to(dtype) * (offset + weight.to(dtype))
+    grad_x = rstd.to(dtype).unsqueeze(1) * (g - x_hat * (g * x_hat).mean(dim=1, keepdim=True))
+    if grad_summed is not None:
+        grad_x = grad_x + grad_summed.to(dtype)
+    grad_weight = (grad_y.to(dtype) * x_hat).sum(dim=0) if need_grad_weight else None
+    return grad_x, grad_weight
+
+
+def rms_norm_rows_forward(x, weight, *, eps, offset):
+    """Rows x [N, H] -> (y [N, H] in x's dtype, rstd [N] in compute dtype)."""
+    dtype = compute_dtype(x.dtype)
+    xf = x.to(dtype)
+    rstd = torch.rsqrt(xf.pow(2).mean(dim=1) + eps)
+    return (xf * rstd.unsqueeze(1) * (offset + weight.to(dtype))).to(x.dtype), rstd
+
+
+_GELU_TANH_CUBIC = 0.044715
+_SQRT_2_OVER_PI = 0.7978845608028654
+
+
+def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """Differentiable act(gate) * up with act = silu or gelu_tanh, in compute_dtype, returned in gate's dtype."""
+    dtype = compute_dtype(gate.dtype)
+    g = gate.to(dtype)
+    act = torch.nn.functional.silu(g) if activation == "silu" else torch.nn.functional.gelu(g, approximate="tanh")
+    return (act * up.to(dtype)).to(gate.dtype)
+
+
+def swiglu(gate, up):
+    return gated_activation(gate, up, "silu")
+
+
+def geglu(gate, up):
+    return gated_activation(gate, up, "gelu_tanh")
+
+
+def gated_activation_with_grads(grad_out, gate, up, activation):
+    """Hand-written backward of act(gate) * up: (grad_gate, grad_up) in compute dtype."""
+    dtype = compute_dtype(gate.dtype)
+    g = gate.to(dtype)
+    if activation == "silu":
+        s = torch.sigmoid(g)
+        act, derivative = g * s, s * (1.0 + g * (1.0 - s))
+    else:
+        u = _SQRT_2_OVER_PI * g * (1.0 + _GELU_TANH_CUBIC * g * g)
+        s = torch.sigmoid(2.0 * u)
+        du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_CUBIC * g * g)
+        act, derivative = g * s, s + g * s * (1.0 - s) * 2.0 * du
+    dout = grad_out.to(dtype)
+    return dout * up.to(dtype) * derivative, dout * act
