@@ -12,13 +12,16 @@ import sys
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
 
+from fastsft.kernels import activations as act  # noqa: E402
 from fastsft.kernels import cross_entropy as ce  # noqa: E402
 from fastsft.kernels import linear_cross_entropy as lce  # noqa: E402
+from fastsft.kernels import rms_norm as rms  # noqa: E402
+from fastsft.kernels import rope  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, compile  # noqa: E402
 
 I64_SCALARS = {"row_offset", "chunk_start"}
-FP32_SCALARS = {"label_smoothing", "z_loss", "softcap"}
+FP32_SCALARS = {"label_smoothing", "z_loss", "softcap", "eps", "offset"}
 
 
 def signature(kernel, pointer_types: dict, default_pointer: str) -> dict:
@@ -68,6 +71,38 @@ def cases(dtype: str):
         dict(lce._GPU_CONFIG["grad_weight"], COMPUTE_WEIGHT=True, COMPUTE_BIAS=True, **dots),
         gemm_launch,
     )
+    yield from elementwise_cases(dtype)
+
+
+def elementwise_cases(dtype: str):
+    """RoPE, RMSNorm and gated activations at the real GPU layouts (Llama-3-8B-like widths)."""
+    fix = {"FIX_BF16_ROUNDING": False}
+    for head_dim, rotary_dim in ((128, 128), (80, 32), (256, 256)):
+        half = rotary_dim // 2
+        block_half = 1 << (half - 1).bit_length()
+        pass_width = head_dim - rotary_dim
+        constexprs = dict(
+            HEAD_DIM=head_dim, HALF_ROT=half, BLOCK_HALF=block_half,
+            BLOCK_HQ=rope._block_heads(32, block_half), BLOCK_HK=rope._block_heads(8, block_half),
+            BLOCK_PASS=(1 << (pass_width - 1).bit_length()) if pass_width else 0, INVERSE=head_dim == 80, **fix,
+        )  # fmt: skip
+        yield rope._rope_kernel, {"COS_ptr": "fp32", "SIN_ptr": "fp32"}, constexprs, {"num_warps": 4}
+    for width in (128, 4096, 20000):  # many rows per tile; one row per tile; chunked
+        layout = rms._layout(width)
+        num_warps = layout.pop("num_warps")
+        yield (
+            rms._rms_norm_forward_kernel, {"W_ptr": "fp32", "RSTD_ptr": "fp32"},
+            dict(layout, HAS_RESIDUAL=True, **fix), {"num_warps": num_warps},
+        )  # fmt: skip
+        yield (
+            rms._rms_norm_backward_kernel, {"W_ptr": "fp32", "RSTD_ptr": "fp32", "PARTIAL_GRAD_W_ptr": "fp32"},
+            dict(layout, HAS_GRAD_SUM=True, COMPUTE_GRAD_W=True, **fix), {"num_warps": num_warps},
+        )  # fmt: skip
+    config = act._block(14336)
+    num_warps = config.pop("num_warps")
+    for activation in act.ACTIVATIONS.values():
+        for kernel in (act._gated_forward_kernel, act._gated_backward_kernel):
+            yield kernel, {}, dict(config, ACTIVATION=activation, **fix), {"num_warps": num_warps}
 
 
 def main() -> int:
@@ -75,7 +110,7 @@ def main() -> int:
     for arch in (80, 90):
         for dtype in ("bf16", "fp16", "fp32"):
             for kernel, pointers, constexprs, options in cases(dtype):
-                record = {"kernel": kernel.__name__, "arch": arch, "dtype": dtype}
+                record = {"kernel": kernel.__name__, "arch": arch, "dtype": dtype, "constexprs": constexprs}
                 try:
                     src = ASTSource(kernel, signature(kernel, pointers, dtype), constexprs=constexprs)
                     compiled = compile(src, target=GPUTarget("cuda", arch, 32), options=options)

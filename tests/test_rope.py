@@ -70,6 +70,16 @@ def test_partial_rotary_passes_the_rest_through(triton_backend, dtype, head_dim,
     assert torch.equal(k_out[..., rotary_dim:], k[..., rotary_dim:])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_any_tables_backward_is_the_exact_adjoint(triton_backend, dtype):
+    """With tables whose halves differ (not HF's cat(f, f)), the backward must still be the exact transpose
+    of the forward map, which autograd of the reference gives."""
+    q, k, _, _ = _inputs([4, 3], 4, 2, 80, 48, dtype)
+    cos, sin = (torch.randn(7, 48, dtype=dtype, device=DEVICE) for _ in range(2))
+    assert_op_parity("rope random tables", apply_rope, reference.apply_rope, [q, k, cos, sin], dtype,
+                     differentiable=[True, True, False, False], torch_lowp_op=hf_rope)  # fmt: skip
+
+
 @pytest.mark.parametrize("ratio", [1, 2, 4, 8])
 def test_gqa_ratios(triton_backend, ratio):
     q, k, cos, sin = _inputs([3, 1, 7], 2 * ratio, 2, 64, 64, torch.float32)
