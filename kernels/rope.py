@@ -11,10 +11,11 @@ y = x * cos + rotate_half(x) * sin; "inverse" is its transpose (the same linear 
 both the backward (dL/dx from dL/dy) and, for HF's tables (cos1 == cos2, sin1 == sin2), the inverse
 rotation. Nothing but cos/sin is needed for the backward, so q and k are not kept alive for it.
 
-One program handles one token: it loads the token's cos/sin row once and sweeps all q heads, then all k
+One program handles one token of one batch row (grid [T, B]; packed training has B = 1): it loads the
+token's cos/sin row once and sweeps all q heads, then all k heads, in [BLOCK_H, BLOCK_HALF] tiles.
 heads, in [BLOCK_H, BLOCK_HALF] tiles. Math in fp32, one rounding to the output dtype. Inputs are read
 through arbitrary token/head/dim strides (views out of a fused qkv projection or a [B, H, S, D]
-transpose need no copy); outputs are written contiguous [T, H, D].
+transpose need no copy); outputs are written contiguous [B, T, H, D].
 """
 
 import torch
@@ -32,6 +33,7 @@ def _rotate_heads(
     x_dim_stride,
     OUT_ptr,
     token,
+    out_token,
     n_heads,
     cos1,
     cos2,
@@ -45,10 +47,11 @@ def _rotate_heads(
     INVERSE: tl.constexpr,
     FIX_BF16_ROUNDING: tl.constexpr,
 ):
-    """Rotate the n_heads heads of one token of X into OUT (contiguous [T, n_heads, HEAD_DIM])."""
+    """Rotate the n_heads heads of token `token` of X (already offset to its batch row) into row `out_token`
+    of OUT (contiguous [B * T, n_heads, HEAD_DIM])."""
     out_dtype = OUT_ptr.dtype.element_ty
     x_token = X_ptr + token * x_token_stride
-    out_token = OUT_ptr + token * n_heads * HEAD_DIM
+    out_token = OUT_ptr + out_token * n_heads * HEAD_DIM
     dims = tl.arange(0, BLOCK_HALF)
     in_half = dims < HALF_ROT
     for head_start in range(0, n_heads, BLOCK_H):
@@ -79,21 +82,26 @@ def _rotate_heads(
 @triton.jit
 def _rope_kernel(
     Q_ptr,
+    q_batch_stride,
     q_token_stride,
     q_head_stride,
     q_dim_stride,
     K_ptr,
+    k_batch_stride,
     k_token_stride,
     k_head_stride,
     k_dim_stride,
     Q_OUT_ptr,
     K_OUT_ptr,
     COS_ptr,
+    cos_batch_stride,
     cos_token_stride,
     cos_dim_stride,
     SIN_ptr,
+    sin_batch_stride,
     sin_token_stride,
     sin_dim_stride,
+    n_tokens,
     n_q_heads,
     n_k_heads,
     HEAD_DIM: tl.constexpr,
@@ -106,18 +114,22 @@ def _rope_kernel(
     FIX_BF16_ROUNDING: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)  # int64: token * stride passes 2^31 at long packed rows
+    batch = tl.program_id(1).to(tl.int64)
+    out_token = batch * n_tokens + token
     dims = tl.arange(0, BLOCK_HALF)
     in_half = dims < HALF_ROT
-    cos_row = COS_ptr + token * cos_token_stride + dims * cos_dim_stride
-    sin_row = SIN_ptr + token * sin_token_stride + dims * sin_dim_stride
+    cos_row = COS_ptr + batch * cos_batch_stride + token * cos_token_stride + dims * cos_dim_stride
+    sin_row = SIN_ptr + batch * sin_batch_stride + token * sin_token_stride + dims * sin_dim_stride
     cos1 = tl.load(cos_row, mask=in_half, other=0.0).to(tl.float32)
     cos2 = tl.load(cos_row + HALF_ROT * cos_dim_stride, mask=in_half, other=0.0).to(tl.float32)
     sin1 = tl.load(sin_row, mask=in_half, other=0.0).to(tl.float32)
     sin2 = tl.load(sin_row + HALF_ROT * sin_dim_stride, mask=in_half, other=0.0).to(tl.float32)
-    _rotate_heads(Q_ptr, q_token_stride, q_head_stride, q_dim_stride, Q_OUT_ptr, token, n_q_heads,
+    _rotate_heads(Q_ptr + batch * q_batch_stride, q_token_stride, q_head_stride, q_dim_stride, Q_OUT_ptr, token,
+                  out_token, n_q_heads,
                   cos1, cos2, sin1, sin2, HEAD_DIM, HALF_ROT, BLOCK_HQ, BLOCK_HALF, BLOCK_PASS, INVERSE,
                   FIX_BF16_ROUNDING)  # fmt: skip
-    _rotate_heads(K_ptr, k_token_stride, k_head_stride, k_dim_stride, K_OUT_ptr, token, n_k_heads,
+    _rotate_heads(K_ptr + batch * k_batch_stride, k_token_stride, k_head_stride, k_dim_stride, K_OUT_ptr, token,
+                  out_token, n_k_heads,
                   cos1, cos2, sin1, sin2, HEAD_DIM, HALF_ROT, BLOCK_HK, BLOCK_HALF, BLOCK_PASS, INVERSE,
                   FIX_BF16_ROUNDING)  # fmt: skip
 
@@ -143,28 +155,28 @@ def rope(
     *,
     inverse: bool,
 ) -> None:
-    """Launch the RoPE kernel.
+    """Launch the RoPE kernel over B rows of T tokens.
 
-    q [T, Hq, D], k [T, Hk, D]: fp32/fp16/bf16, any strides.
-    cos, sin [T, R]: any float dtype and strides, R even, R <= D.
-    q_out [T, Hq, D], k_out [T, Hk, D]: contiguous, written (q's dtype).
+    q [B, T, Hq, D], k [B, T, Hk, D]: fp32/fp16/bf16, any strides.
+    cos, sin [B, T, R]: any float dtype and strides (batch stride 0 to share one table), R even, R <= D.
+    q_out [B, T, Hq, D], k_out [B, T, Hk, D]: contiguous, written (q's dtype).
     inverse: apply the transposed rotation (the backward).
     """
-    n_tokens, n_q_heads, head_dim = q.shape
-    n_k_heads = k.shape[1]
-    rotary_dim = cos.shape[1]
-    if n_tokens == 0:
+    n_batch, n_tokens, n_q_heads, head_dim = q.shape
+    n_k_heads = k.shape[2]
+    rotary_dim = cos.shape[2]
+    if n_tokens == 0 or n_batch == 0:
         return
     half = rotary_dim // 2
     block_half = triton.next_power_of_2(half)
     pass_width = head_dim - rotary_dim
-    _rope_kernel[(n_tokens,)](
+    _rope_kernel[(n_tokens, n_batch)](
         q, *q.stride(),
         k, *k.stride(),
         q_out, k_out,
         cos, *cos.stride(),
         sin, *sin.stride(),
-        n_q_heads, n_k_heads,
+        n_tokens, n_q_heads, n_k_heads,
         HEAD_DIM=head_dim,
         HALF_ROT=half,
         BLOCK_HQ=_block_heads(n_q_heads, block_half),

@@ -17,10 +17,10 @@ def _as_tuple(out) -> tuple[torch.Tensor, ...]:
 def _run(fn: Callable, inputs: Sequence[torch.Tensor], differentiable: Sequence[bool], dtype, cotangents):
     """Outputs of fn on copies of `inputs` in `dtype`, and the gradients of sum(out_i * cotangent_i)
     with respect to the differentiable inputs."""
-    leaves = [t.detach().to(dtype).requires_grad_(d) for t, d in zip(inputs, differentiable)]
+    leaves = [t.detach().to(dtype).requires_grad_(d) for t, d in zip(inputs, differentiable, strict=True)]
     outputs = _as_tuple(fn(*leaves))
-    wanted = [leaf for leaf, d in zip(leaves, differentiable) if d]
-    total = sum((out.to(torch.float64) * c).sum() for out, c in zip(outputs, cotangents))
+    wanted = [leaf for leaf, d in zip(leaves, differentiable, strict=True) if d]
+    total = sum((out.to(torch.float64) * c).sum() for out, c in zip(outputs, cotangents, strict=True))
     grads = torch.autograd.grad(total, wanted)
     return [out.detach() for out in outputs], [g.detach() for g in grads]
 
@@ -47,30 +47,30 @@ def assert_op_parity(
     """
     differentiable = differentiable or [True] * len(inputs)
     input_dtypes = input_dtypes or [None] * len(inputs)
-    exact_leaves = [t.detach().double().requires_grad_(d) for t, d in zip(inputs, differentiable)]
+    exact_leaves = [t.detach().double().requires_grad_(d) for t, d in zip(inputs, differentiable, strict=True)]
     exact_outputs = _as_tuple(reference_op(*exact_leaves))
     # Cotangents representable in dtype, so the op under test sees exactly the same incoming gradients.
     cotangents = [torch.randn(o.shape, dtype=dtype, device=o.device).double() for o in exact_outputs]
     exact_grads = torch.autograd.grad(
-        sum((o * c).sum() for o, c in zip(exact_outputs, cotangents)),
-        [leaf for leaf, d in zip(exact_leaves, differentiable) if d],
+        sum((o * c).sum() for o, c in zip(exact_outputs, cotangents, strict=True)),
+        [leaf for leaf, d in zip(exact_leaves, differentiable, strict=True) if d],
     )
 
     def under_test(*leaves):
-        cast = [leaf.to(d) if d is not None else leaf for leaf, d in zip(leaves, input_dtypes)]
+        cast = [leaf.to(d) if d is not None else leaf for leaf, d in zip(leaves, input_dtypes, strict=True)]
         return op(*cast)
 
     outputs, grads = _run(under_test, inputs, differentiable, dtype, cotangents)
-    for i, (out, exact) in enumerate(zip(outputs, exact_outputs)):
+    for i, (out, exact) in enumerate(zip(outputs, exact_outputs, strict=True)):
         assert out.shape == exact.shape, f"{name}: output {i} has shape {tuple(out.shape)}, want {tuple(exact.shape)}"
     assert len(grads) == len(exact_grads)
-    labelled = [(f"{name} output {i}", a, e) for i, (a, e) in enumerate(zip(outputs, exact_outputs))]
-    labelled += [(f"{name} grad {i}", a, e) for i, (a, e) in enumerate(zip(grads, exact_grads))]
+    labelled = [(f"{name} output {i}", a, e) for i, (a, e) in enumerate(zip(outputs, exact_outputs, strict=True))]
+    labelled += [(f"{name} grad {i}", a, e) for i, (a, e) in enumerate(zip(grads, exact_grads, strict=True))]
     if dtype == torch.float32:
         for label, actual, exact in labelled:
             assert_close_fp32(label, actual, exact, rtol=rtol)
         return
     lowp_outputs, lowp_grads = _run(torch_lowp_op or reference_op, inputs, differentiable, dtype, cotangents)
     lowp = lowp_outputs + lowp_grads
-    for (label, actual, exact), torch_lowp in zip(labelled, lowp):
+    for (label, actual, exact), torch_lowp in zip(labelled, lowp, strict=True):
         assert_within_torch_error(label, actual, torch_lowp, exact)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-
 GEMM_KERNELS = ("_logits_kernel", "_grad_hidden_kernel", "_grad_weight_kernel")
 EXPECTED_KERNELS = GEMM_KERNELS + (
     "_cross_entropy_rows_kernel",

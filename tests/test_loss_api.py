@@ -168,9 +168,7 @@ def test_int64_offsets(triton_backend):
         lambda a, b: fused_linear_cross_entropy(a, b, labels), [hidden, weight]
     )
     exact = [t.detach().float().requires_grad_() for t in (hidden, weight)]
-    exact_loss, exact_grads = loss_and_grads(
-        lambda a, b: reference.fused_linear_cross_entropy(a, b, labels), exact
-    )
+    exact_loss, exact_grads = loss_and_grads(lambda a, b: reference.fused_linear_cross_entropy(a, b, labels), exact)
     assert abs(loss.item() - exact_loss.item()) <= 1e-3 * abs(exact_loss.item())
     for got, want in zip((grad_hidden, grad_weight), exact_grads, strict=True):
         rel = (got.float() - want).norm() / want.norm()

@@ -48,8 +48,10 @@ def select_backend(op: str, tensor: torch.Tensor) -> str:
         return "reference"
     if tensor.dtype == torch.float64:
         if requested == "triton":
-            raise TypeError(f"{op}: the Triton kernels take float16, bfloat16 or float32, got float64; "
-                            "float64 runs with FASTSFT_BACKEND=reference (or auto)")
+            raise TypeError(
+                f"{op}: the Triton kernels take float16, bfloat16 or float32, got float64; "
+                "float64 runs with FASTSFT_BACKEND=reference (or auto)"
+            )
         return "reference"
     if requested == "cuda" and tensor.is_cuda and op in _NATIVE_CUDA_OPS:
         return "cuda"

@@ -117,9 +117,7 @@ def cross_entropy_rows_with_grads(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row losses [N] and, when row_scale is given (0-dim or [N]), the gradient of
     sum_r row_scale[r] * loss_r with respect to logits [N, V] (in compute dtype; zero on ignored rows)."""
-    row_losses, z, lse, valid, safe_labels = _row_losses(
-        logits, labels, ignore_index, label_smoothing, z_loss, softcap
-    )
+    row_losses, z, lse, valid, safe_labels = _row_losses(logits, labels, ignore_index, label_smoothing, z_loss, softcap)
     if row_scale is None:
         return row_losses, None
     n_vocab = z.shape[-1]
@@ -199,15 +197,15 @@ def fused_linear_cross_entropy_with_grads(
 
 
 def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, inverse: bool = False) -> torch.Tensor:
-    """HF rotate_half RoPE on x [T, H, D] with cos/sin [T, R] (R even, R <= D; dims R.. pass through):
-    y = x * cos + rotate_half(x) * sin, or with inverse=True its transpose (the backward).
+    """HF rotate_half RoPE on x [..., T, H, D] with cos/sin [..., T, R] (R even, R <= D; dims R.. pass
+    through): y = x * cos + rotate_half(x) * sin, or with inverse=True its transpose (the backward).
     Computed in compute_dtype, returned in x's dtype. Differentiable."""
     dtype = compute_dtype(x.dtype)
     rotary_dim = cos.shape[-1]
     half = rotary_dim // 2
     x_rot = x[..., :rotary_dim].to(dtype)
-    c = cos.to(dtype).unsqueeze(1)  # [T, 1, R]: broadcast over heads
-    s = sin.to(dtype).unsqueeze(1)
+    c = cos.to(dtype).unsqueeze(-2)  # [..., T, 1, R]: broadcast over heads
+    s = sin.to(dtype).unsqueeze(-2)
     x1, x2 = x_rot[..., :half], x_rot[..., half:]
     c1, c2, s1, s2 = c[..., :half], c[..., half:], s[..., :half], s[..., half:]
     if inverse:

@@ -65,9 +65,7 @@ def _backward(grad_y, normed_input, weight, rstd, grad_summed, offset, need_grad
 
 
 @torch.library.custom_op("fastsft::rms_norm", mutates_args=())
-def _rms_norm_op(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> tuple[torch.Tensor, torch.Tensor]:
     y, _, rstd = _forward(x, weight, None, eps, offset)
     return y.reshape(x.shape), rstd
 

@@ -1,0 +1,168 @@
+"""Drop-in replacements for Hugging Face building blocks, backed by fastsft.ops.
+
+Names, attributes and parameters are Hugging Face's, so state dicts load unchanged and code that reads
+`norm.variance_epsilon` or `mlp.gate_proj` keeps working:
+
+* `RMSNorm`: LlamaRMSNorm / MistralRMSNorm / Qwen2/3RMSNorm (offset 0) and GemmaRMSNorm / Gemma2/3RMSNorm
+  (offset 1: the scale is 1 + weight, weight initialised to 0). `RMSNorm.from_hf(module)` wraps an existing
+  module's own Parameter (no copy, so optimizers and tied references stay valid).
+* `GatedMLP`: LlamaMLP-style gate_proj / up_proj / down_proj with a SwiGLU or GeGLU activation.
+* `apply_rotary_pos_emb`: HF's function of the same name and signature, on [B, H, S, D] tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastsft.ops import add_rms_norm, geglu, rms_norm, swiglu
+from fastsft.ops.rope import apply_rope_batched
+
+# Hugging Face activation names (config.hidden_act / hidden_activation) -> the gated op computing them.
+# gelu_new / gelu_fast / gelu_pytorch_tanh are all the tanh approximation; exact "gelu" is not.
+HF_GATED_ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "gelu_python_tanh": "gelu_tanh",
+}
+_GATED_OPS = {"silu": swiglu, "gelu_tanh": geglu}
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * (offset + weight) over the last dim (fastsft.ops.rms_norm).
+
+    Args:
+        hidden_size: H, the normalised width.
+        eps: added to the mean square; stored as `variance_epsilon` (Llama's name) and readable as `eps`
+            (Gemma's name).
+        offset: 0.0 (Llama, Mistral, Qwen) or 1.0 (Gemma: weight is initialised to zeros, scale 1 + weight).
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, *, offset: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        init = torch.zeros if offset else torch.ones
+        self.weight = nn.Parameter(init(hidden_size, device=device, dtype=dtype))
+        self.variance_epsilon = float(eps)
+        self.offset = float(offset)
+
+    @property
+    def eps(self) -> float:
+        return self.variance_epsilon
+
+    @eps.setter
+    def eps(self, value: float) -> None:
+        self.variance_epsilon = float(value)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon, offset=self.offset)
+
+    def forward_with_residual(self, hidden_states: torch.Tensor, residual: torch.Tensor):
+        """(norm(hidden_states + residual), hidden_states + residual) in one pass (fastsft.ops.add_rms_norm)."""
+        return add_rms_norm(hidden_states, residual, self.weight, self.variance_epsilon, offset=self.offset)
+
+    @classmethod
+    def from_hf(cls, module: nn.Module, *, offset: float | None = None) -> RMSNorm:
+        """Wrap an HF RMSNorm module, sharing its weight Parameter. The offset is read from the class
+        (Gemma* norms use 1 + weight) unless given."""
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+        weight = getattr(module, "weight", None)
+        has_bias = getattr(module, "bias", None) is not None  # LayerNorm: mean-centred and biased, not RMSNorm
+        if eps is None or has_bias or not isinstance(weight, nn.Parameter) or weight.dim() != 1:
+            raise TypeError(
+                f"RMSNorm.from_hf: {type(module).__name__} has no 1-D `weight` Parameter and "
+                "`variance_epsilon`/`eps` attribute, so it is not an RMSNorm fastsft can replace"
+            )
+        if offset is None:
+            offset = 1.0 if type(module).__name__.startswith("Gemma") else 0.0
+        norm = cls.__new__(cls)
+        nn.Module.__init__(norm)
+        norm.weight = weight
+        norm.variance_epsilon = float(eps)
+        norm.offset = float(offset)
+        return norm
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, offset={self.offset}"
+
+
+class GatedMLP(nn.Module):
+    """down_proj(act(gate_proj(x)) * up_proj(x)) with the activation fused with the product
+    (fastsft.ops.swiglu / geglu: the activation is recomputed in the backward, never stored).
+
+    Args:
+        hidden_size, intermediate_size: H and I.
+        activation: an HF activation name (config.hidden_act): "silu"/"swish" (SwiGLU) or one of the tanh
+            GELUs "gelu_pytorch_tanh"/"gelu_new"/"gelu_fast" (GeGLU).
+        bias: whether the three projections have biases (config.mlp_bias).
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str = "silu", *, bias: bool = False,
+                 device=None, dtype=None):  # fmt: skip
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.activation = _gated_activation(activation)
+        factory = dict(device=device, dtype=dtype)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias, **factory)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias, **factory)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias, **factory)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(_GATED_OPS[self.activation](self.gate_proj(x), self.up_proj(x)))
+
+    @classmethod
+    def from_hf(cls, mlp: nn.Module, activation: str | None = None) -> GatedMLP:
+        """Wrap an HF gated MLP (LlamaMLP, MistralMLP, Qwen2/3MLP, GemmaMLP, ...), reusing its three Linear
+        modules. The activation comes from `mlp.config` (hidden_act, or Gemma's hidden_activation) unless
+        given."""
+        missing = [name for name in ("gate_proj", "up_proj", "down_proj") if not isinstance(getattr(mlp, name, None),
+                                                                                           nn.Module)]  # fmt: skip
+        if missing:
+            raise TypeError(f"GatedMLP.from_hf: {type(mlp).__name__} has no {', '.join(missing)}; "
+                            "only gate_proj/up_proj/down_proj MLPs can be replaced")  # fmt: skip
+        if activation is None:
+            config = getattr(mlp, "config", None)
+            activation = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+            if activation is None:
+                raise TypeError(f"GatedMLP.from_hf: {type(mlp).__name__} has no config.hidden_act; pass activation=")
+        wrapped = cls.__new__(cls)
+        nn.Module.__init__(wrapped)
+        wrapped.gate_proj, wrapped.up_proj, wrapped.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        wrapped.hidden_size = mlp.gate_proj.in_features
+        wrapped.intermediate_size = mlp.gate_proj.out_features
+        wrapped.activation = _gated_activation(activation)
+        return wrapped
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation}"
+
+
+def _gated_activation(name) -> str:
+    if not isinstance(name, str) or name not in HF_GATED_ACTIVATIONS:
+        raise ValueError(f"gated MLP activation {name!r} is not supported; fastsft fuses "
+                         f"{', '.join(sorted(HF_GATED_ACTIVATIONS))}")  # fmt: skip
+    return HF_GATED_ACTIVATIONS[name]
+
+
+def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Hugging Face's apply_rotary_pos_emb, same signature, through fastsft.ops (one launch for q and k).
+
+    q [B, Hq, S, D] and k [B, Hk, S, D] (unsqueeze_dim=1, HF's default) or [B, S, H, D] (unsqueeze_dim=2);
+    cos/sin [B or 1, S, R] as HF's rotary embedding returns them. Returns (q_embed, k_embed) in the
+    layout of q and k (for unsqueeze_dim=1 as [B, H, S, D] views of contiguous [B, S, H, D] memory, which
+    is the layout attention kernels read best).
+    """
+    if unsqueeze_dim not in (1, 2):
+        raise ValueError(f"apply_rotary_pos_emb: unsqueeze_dim must be 1 ([B, H, S, D]) or 2 ([B, S, H, D]), "
+                         f"got {unsqueeze_dim}")  # fmt: skip
+    if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3:
+        raise ValueError(f"apply_rotary_pos_emb: expects 4-D q/k and 3-D cos/sin, got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, cos {tuple(cos.shape)}")  # fmt: skip
+    if unsqueeze_dim == 1:
+        q_out, k_out = apply_rope_batched(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        return q_out.transpose(1, 2), k_out.transpose(1, 2)
+    return apply_rope_batched(q, k, cos, sin)
