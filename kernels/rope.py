@@ -13,7 +13,7 @@ rotation. Nothing but cos/sin is needed for the backward, so q and k are not kep
 
 One program handles one token of one batch row (grid [T, B]; packed training has B = 1): it loads the
 token's cos/sin row once and sweeps all q heads, then all k heads, in [BLOCK_H, BLOCK_HALF] tiles.
-heads, in [BLOCK_H, BLOCK_HALF] tiles. Math in fp32, one rounding to the output dtype. Inputs are read
+Math in fp32, one rounding to the output dtype. Inputs are read
 through arbitrary token/head/dim strides (views out of a fused qkv projection or a [B, H, S, D]
 transpose need no copy); outputs are written contiguous [B, T, H, D].
 """
