@@ -105,3 +105,20 @@ def test_cli_rejects_unknown_command():
 def test_patch_is_not_silently_a_no_op():
     with pytest.raises(NotImplementedError, match="patching issue"):
         fastsft.patch(object())
+
+
+def test_patch_stays_callable_whatever_is_imported_first():
+    """fastsft.patch is both the package fastsft/patch/ and the public function: importing a submodule
+    first (fastsft.patch.modules) must not replace the callable, nor the reverse."""
+    code = (
+        "import fastsft.patch.modules, fastsft, inspect\n"
+        "assert callable(fastsft.patch), fastsft.patch\n"
+        "assert 'rms_norm' in inspect.signature(fastsft.patch).parameters\n"
+        "assert fastsft.patch.modules.RMSNorm\n"
+        "try:\n"
+        "    fastsft.patch(object(), rope=False)\n"
+        "except NotImplementedError:\n"
+        "    print('raised')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "raised", done.stderr[-2000:]
