@@ -65,7 +65,7 @@ def _rms_norm_forward_kernel(
             x = cast_rounded(x.to(tl.float32) + r.to(tl.float32), x_dtype, FIX_BF16_ROUNDING)
             tl.store(SUM_ptr + rows[:, None] * sum_row_stride + cols[None, :], x, mask=mask)
         x = x.to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
         w = tl.load(W_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32) + offset
         y = x * rstd[:, None] * w[None, :]
         tl.store(Y_ptr + rows[:, None] * y_row_stride + cols[None, :],
@@ -85,7 +85,7 @@ def _rms_norm_forward_kernel(
                 tl.store(SUM_ptr + rows[:, None] * sum_row_stride + cols[None, :], x, mask=mask)
             x = x.to(tl.float32)
             sum_squares += tl.sum(x * x, axis=1)
-        rstd = 1.0 / tl.sqrt(sum_squares / n_cols + eps)
+        rstd = tl.rsqrt(sum_squares / n_cols + eps)
         for chunk in range(NUM_CHUNKS):
             cols = chunk * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
             mask = row_mask[:, None] & (cols < n_cols)[None, :]
@@ -135,9 +135,11 @@ def _rms_norm_backward_kernel(
     if NUM_CHUNKS == 1:
         cols = tl.arange(0, BLOCK_COLS)
         col_mask = cols < n_cols
-        w = tl.load(W_ptr + cols, mask=col_mask, other=0.0).to(tl.float32) + offset
         grad_w = tl.zeros([BLOCK_COLS], dtype=tl.float32)
         for row_block in range(program, n_row_blocks, n_programs):
+            # w is reloaded per row block (an L1/L2 hit) rather than held across the loop: at 16k-wide rows
+            # keeping it live next to grad_w spills registers.
+            w = tl.load(W_ptr + cols, mask=col_mask, other=0.0).to(tl.float32) + offset
             rows = tl.arange(0, BLOCK_ROWS).to(tl.int64) + row_block * BLOCK_ROWS
             row_mask = rows < n_rows
             mask = row_mask[:, None] & col_mask[None, :]
@@ -165,6 +167,9 @@ def _rms_norm_backward_kernel(
             for chunk in range(NUM_CHUNKS):
                 cols = chunk * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
                 tl.store(partial_row + cols, tl.zeros([BLOCK_COLS], dtype=tl.float32), mask=cols < n_cols)
+            # The partial row is read back by other threads of this program (load and store layouts may
+            # differ): order the zeroing before the first read-modify-write.
+            tl.debug_barrier()
         for row_block in range(program, n_row_blocks, n_programs):
             rows = tl.arange(0, BLOCK_ROWS).to(tl.int64) + row_block * BLOCK_ROWS
             row_mask = rows < n_rows
@@ -200,6 +205,7 @@ def _rms_norm_backward_kernel(
                 if COMPUTE_GRAD_W:
                     partial = tl.load(partial_row + cols, mask=col_mask, other=0.0)
                     tl.store(partial_row + cols, partial + tl.sum(dy * x_hat, axis=0), mask=col_mask)
+                    tl.debug_barrier()  # this store before the next row's read of the same partial row
 
 
 # Widest row kept whole in registers (fp32 elements per program). Wider rows take the chunked path.
@@ -209,7 +215,7 @@ _CHUNK_COLS = 4096
 _ROWS_TILE_ELEMENTS = 4096
 
 
-def _layout(n_cols: int) -> dict:
+def _layout(n_cols: int, backward: bool = False) -> dict:
     """Block shape for rows of width n_cols: constexprs and num_warps."""
     if interpreting():
         # Small tiles and a few chunks keep the interpreter fast and still cross chunk boundaries when a
@@ -226,8 +232,10 @@ def _layout(n_cols: int) -> dict:
         block_cols = _CHUNK_COLS
     num_chunks = triton.cdiv(n_cols, block_cols)
     block_rows = max(1, _ROWS_TILE_ELEMENTS // block_cols) if num_chunks == 1 else 1
-    # ~8-16 fp32 elements of each live tile per thread.
-    num_warps = max(1, min(16, block_rows * block_cols // 512))
+    # ~16 fp32 elements of each live tile per thread (the backward holds more live tiles: dy, x, grad_w,
+    # so it goes up to 32 warps where the forward stops at 16).
+    max_warps = 32 if backward else 16
+    num_warps = max(1, min(max_warps, block_rows * block_cols // 512))
     return dict(BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, NUM_CHUNKS=num_chunks, num_warps=num_warps)
 
 
@@ -279,7 +287,10 @@ def backward_programs(n_rows: int, block_rows: int, device: torch.device) -> int
     if interpreting() or device.type != "cuda":
         return max(1, min(row_blocks, 4))
     sm_count = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(row_blocks, 4 * sm_count))
+    # ~2 resident programs per SM is what the register budget allows at real widths; more programs would
+    # only add partial rows (n_programs x H x 4 bytes written, then re-read by the final sum), and each
+    # program gets at least ~8 row blocks so that traffic stays small next to the rows themselves.
+    return max(1, min(2 * sm_count, triton.cdiv(row_blocks, 8)))
 
 
 def rms_norm_backward(
@@ -297,13 +308,13 @@ def rms_norm_backward(
     rstd [N] fp32 from the forward; grad_x [N, H] written (plus grad_summed [N, H] when given).
     Returns the weight gradient [H] in fp32 (None when not computed)."""
     n_rows, n_cols = x.shape
-    layout = _layout(n_cols)
+    if n_rows == 0:
+        return torch.zeros(n_cols, dtype=torch.float32, device=x.device) if compute_grad_weight else None
+    layout = _layout(n_cols, backward=True)
     num_warps = layout.pop("num_warps")
     n_programs = backward_programs(n_rows, layout["BLOCK_ROWS"], x.device)
     partial = torch.empty((n_programs, n_cols) if compute_grad_weight else (1,), dtype=torch.float32,
                           device=x.device)  # fmt: skip
-    if n_rows == 0:
-        return torch.zeros(n_cols, dtype=torch.float32, device=x.device) if compute_grad_weight else None
     has_grad_sum = grad_summed is not None
     _rms_norm_backward_kernel[(n_programs,)](
         grad_y, grad_y.stride(0),

@@ -94,6 +94,8 @@ def elementwise_cases(dtype: str):
             rms._rms_norm_forward_kernel, {"W_ptr": "fp32", "RSTD_ptr": "fp32"},
             dict(layout, HAS_RESIDUAL=True, **fix), {"num_warps": num_warps},
         )  # fmt: skip
+        layout = rms._layout(width, backward=True)
+        num_warps = layout.pop("num_warps")
         yield (
             rms._rms_norm_backward_kernel, {"W_ptr": "fp32", "RSTD_ptr": "fp32", "PARTIAL_GRAD_W_ptr": "fp32"},
             dict(layout, HAS_GRAD_SUM=True, COMPUTE_GRAD_W=True, **fix), {"num_warps": num_warps},

@@ -103,19 +103,29 @@ def test_torch_compile_fullgraph(triton_backend, compile_backend):
         assert_close_fp32(f"grad {i}", got, want)
 
 
-def test_opcheck(reference_backend):
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_opcheck(monkeypatch, backend):
     from fastsft.ops.activations import _gated_op
 
+    monkeypatch.setenv("FASTSFT_BACKEND", backend)
     gate, up = (torch.randn(3, 5, 16, device=DEVICE, requires_grad=True) for _ in range(2))
     for activation in ("silu", "gelu_tanh"):
         torch.library.opcheck(_gated_op, (gate, up, activation))
 
 
-def test_empty_input(triton_backend):
-    gate = torch.empty(0, 16, device=DEVICE, requires_grad=True)
-    out = swiglu(gate, torch.empty(0, 16, device=DEVICE))
+@pytest.mark.parametrize("shape", [(0, 16), (4, 0), (2, 0, 3)], ids=str)
+def test_empty_input(triton_backend, shape):
+    gate = torch.empty(shape, device=DEVICE, requires_grad=True)
+    out = swiglu(gate, torch.empty(shape, device=DEVICE))
     out.sum().backward()
-    assert out.shape == (0, 16) and gate.grad.shape == (0, 16)
+    assert out.shape == shape and gate.grad.shape == shape
+
+
+def test_double_backward_fails_loudly(triton_backend):
+    gate, up = (torch.randn(3, 8, device=DEVICE, requires_grad=True) for _ in range(2))
+    (grad_gate,) = torch.autograd.grad(swiglu(gate, up).sum(), gate, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        grad_gate.sum().backward()
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,11 @@ from conftest import DEVICE, assert_close_fp32
 from transformers import GemmaConfig, LlamaConfig
 from transformers.models.gemma.modeling_gemma import GemmaMLP, GemmaRMSNorm
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+from transformers.models.gemma3n.modeling_gemma3n import Gemma3nRMSNorm
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as hf_apply_rotary_pos_emb
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextRMSNorm
 
 from fastsft.patch.modules import GatedMLP, RMSNorm, apply_rotary_pos_emb
 
@@ -23,8 +25,10 @@ def _outputs_and_grads(module, x):
     return out.detach(), grads
 
 
+# Gemma3n's norm is x_hat * w and Qwen3-Next's is x_hat * (1 + w): the form is measured, not guessed from names.
 @pytest.mark.parametrize("hf_class, offset", [(LlamaRMSNorm, 0.0), (Qwen3RMSNorm, 0.0), (GemmaRMSNorm, 1.0),
-                                              (Gemma3RMSNorm, 1.0)])  # fmt: skip
+                                              (Gemma3RMSNorm, 1.0), (Gemma3nRMSNorm, 0.0),
+                                              (Qwen3NextRMSNorm, 1.0)])  # fmt: skip
 def test_rms_norm_replaces_hf_norms(triton_backend, hf_class, offset):
     hf = hf_class(48, eps=1e-5).to(DEVICE)
     with torch.no_grad():
@@ -54,8 +58,10 @@ def test_fused_residual_norm_matches_add_then_norm(triton_backend):
 def test_gated_mlp_replaces_hf_mlp(triton_backend, family):
     if family == "llama":
         hf = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=88, hidden_act="silu")).to(DEVICE)
-    else:
-        hf = GemmaMLP(GemmaConfig(hidden_size=32, intermediate_size=88, hidden_activation="gelu_pytorch_tanh"))
+    else:  # Gemma's config carries both hidden_act and hidden_activation: the module's act_fn decides
+        config = GemmaConfig(hidden_size=32, intermediate_size=88, hidden_act="gelu_pytorch_tanh",
+                             hidden_activation="gelu_pytorch_tanh")  # fmt: skip
+        hf = GemmaMLP(config)
     hf = hf.to(DEVICE)
     ours = GatedMLP.from_hf(hf)
     assert ours.gate_proj is hf.gate_proj and ours.activation == {"llama": "silu", "gemma": "gelu_tanh"}[family]
@@ -95,6 +101,21 @@ def test_clear_errors():
         GatedMLP(8, 16, "gelu")
     with pytest.raises(TypeError, match="not an RMSNorm"):
         RMSNorm.from_hf(torch.nn.LayerNorm(8))
+
+    class ScaledNorm(torch.nn.Module):  # has RMSNorm's attributes but computes something else
+        def __init__(self):
+            super().__init__()
+            self.weight, self.eps = torch.nn.Parameter(torch.ones(8)), 1e-6
+
+        def forward(self, x):
+            return 2 * x * self.weight
+
+    with pytest.raises(TypeError, match="neither"):
+        RMSNorm.from_hf(ScaledNorm())
+    config = LlamaConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2, hidden_act="gelu")
+    exact_gelu_mlp = LlamaMLP(config)
+    with pytest.raises(ValueError, match="neither silu nor"):
+        GatedMLP.from_hf(exact_gelu_mlp)
     with pytest.raises(TypeError, match="has no gate_proj"):
         GatedMLP.from_hf(torch.nn.Linear(4, 4))
     q = torch.randn(1, 2, 3, 8)

@@ -174,13 +174,23 @@ def test_torch_compile_fullgraph(triton_backend, compile_backend):
         assert_close_fp32(f"grad {i}", got, want)
 
 
-def test_opcheck(reference_backend):
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_opcheck(monkeypatch, backend):
     from fastsft.ops.rms_norm import _add_rms_norm_op, _rms_norm_op
 
+    monkeypatch.setenv("FASTSFT_BACKEND", backend)
     x, r = (torch.randn(3, 4, 16, device=DEVICE, requires_grad=True) for _ in range(2))
     w = _weight(16, torch.float32, 0.0).requires_grad_(True)
     torch.library.opcheck(_rms_norm_op, (x, w, 1e-6, 0.0))
     torch.library.opcheck(_add_rms_norm_op, (x, r, w, 1e-6, 1.0))
+
+
+def test_double_backward_fails_loudly(triton_backend):
+    x = torch.randn(3, 8, device=DEVICE, requires_grad=True)
+    w = _weight(8, torch.float32, 0.0).requires_grad_(True)
+    (grad_x,) = torch.autograd.grad(rms_norm(x, w).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        grad_x.sum().backward()
 
 
 @pytest.mark.parametrize(

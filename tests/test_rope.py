@@ -80,6 +80,33 @@ def test_any_tables_backward_is_the_exact_adjoint(triton_backend, dtype):
                      differentiable=[True, True, False, False], torch_lowp_op=hf_rope)  # fmt: skip
 
 
+@pytest.mark.parametrize("block_heads", [1, 2, 4])
+def test_head_loop_with_gpu_sized_head_blocks(triton_backend, monkeypatch, block_heads):
+    """On the GPU a program sweeps the heads in several [BLOCK_H, D/2] tiles (the interpreter normally takes
+    them all at once): the multi-tile loop, with a partial last tile, gives the same result."""
+    from fastsft.kernels import rope as kernel
+
+    monkeypatch.setattr(kernel, "_block_heads", lambda n_heads, block_half: block_heads)
+    q, k, cos, sin = _inputs([3, 2], 7, 3, 64, 64, torch.float32)
+    assert_op_parity(f"rope head block {block_heads}", apply_rope, reference.apply_rope, [q, k, cos, sin],
+                     torch.float32, differentiable=[True, True, False, False])  # fmt: skip
+
+
+def test_double_backward(triton_backend):
+    """RoPE is linear, so its backward is differentiable too (the same op, transposed)."""
+    q, k, cos, sin = _inputs([4], 2, 2, 16, 16, torch.float32)
+    q.requires_grad_(True)
+    k.requires_grad_(True)
+    q_out, k_out = apply_rope(q, k, cos, sin)
+    (grad_q,) = torch.autograd.grad((q_out * q_out).sum() + k_out.sum(), q, create_graph=True)
+    (second,) = torch.autograd.grad(grad_q.sum(), q)
+    qq = q.detach().double().requires_grad_(True)
+    rq, _ = reference.apply_rope(qq, k.detach().double(), cos.double(), sin.double())
+    (ref_grad,) = torch.autograd.grad((rq * rq).sum(), qq, create_graph=True)
+    (ref_second,) = torch.autograd.grad(ref_grad.sum(), qq)
+    assert_close_fp32("second derivative", second, ref_second)
+
+
 @pytest.mark.parametrize("ratio", [1, 2, 4, 8])
 def test_gqa_ratios(triton_backend, ratio):
     q, k, cos, sin = _inputs([3, 1, 7], 2 * ratio, 2, 64, 64, torch.float32)
@@ -179,10 +206,13 @@ def test_torch_compile_fullgraph(triton_backend, compile_backend):
         assert_close_fp32(name, got, want)
 
 
-def test_opcheck(reference_backend):
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_opcheck(monkeypatch, backend):
     from fastsft.ops.rope import _rope_op
 
+    monkeypatch.setenv("FASTSFT_BACKEND", backend)
     q, k, cos, sin = _inputs([3, 2], 4, 2, 16, 8, torch.float32)
+    q, k, cos, sin = (t.unsqueeze(0) for t in (q, k, cos, sin))
     for inverse in (False, True):
         torch.library.opcheck(_rope_op, (q.requires_grad_(True), k.requires_grad_(True), cos, sin, inverse))
 

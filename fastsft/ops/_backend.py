@@ -124,3 +124,14 @@ def unit_stride_rows(t: torch.Tensor) -> torch.Tensor:
     if t.dim() == 2 and t.stride(1) == 1 and t.stride(0) >= t.shape[1]:
         return t
     return t.contiguous()
+
+
+def forbid_double_backward(backward_op, op: str) -> None:
+    """Register an autograd formula on a backward custom op that fails loudly: differentiating `op`'s
+    gradient (create_graph=True, then backward again) is not supported, and without this torch would
+    report only that no formula is registered for an internal op."""
+
+    def _fail(ctx, *grads):
+        raise RuntimeError(f"fastsft {op}: double backward (differentiating its gradient) is not supported")
+
+    backward_op.register_autograd(_fail, setup_context=lambda ctx, inputs, output: None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._backend import check_float, describe, select_backend
+from ._backend import check_float, describe, forbid_double_backward, select_backend
 
 _OP_NAMES = {"silu": "swiglu", "gelu_tanh": "geglu"}
 
@@ -30,6 +30,8 @@ def _gated_op(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Te
     from fastsft.kernels.activations import gated_forward
 
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    if out.numel() == 0:
+        return out
     gated_forward(_rows(gate), _rows(up), out.view(-1, gate.shape[-1]), activation=activation)
     return out
 
@@ -50,6 +52,8 @@ def _gated_backward_op(
 
     grad_gate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     grad_up = torch.empty(up.shape, dtype=up.dtype, device=up.device)
+    if grad_gate.numel() == 0:
+        return grad_gate, grad_up
     width = gate.shape[-1]
     gated_backward(_rows(grad_out), _rows(gate), _rows(up), grad_gate.view(-1, width), grad_up.view(-1, width),
                    activation=activation)  # fmt: skip
@@ -59,6 +63,9 @@ def _gated_backward_op(
 @_gated_backward_op.register_fake
 def _gated_backward_fake(grad_out, gate, up, activation):
     return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+forbid_double_backward(_gated_backward_op, "swiglu/geglu")
 
 
 def _gated_setup_context(ctx, inputs, output):

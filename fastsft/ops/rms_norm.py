@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._backend import check_float, describe, select_backend, unit_stride_rows
+from ._backend import check_float, describe, forbid_double_backward, select_backend, unit_stride_rows
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -93,6 +93,9 @@ def _rms_norm_backward_op(
 @_rms_norm_backward_op.register_fake
 def _rms_norm_backward_fake(grad_y, normed_input, weight, rstd, grad_summed, offset, need_grad_weight):
     return normed_input.new_empty(normed_input.shape), weight.new_empty(weight.shape if need_grad_weight else 0)
+
+
+forbid_double_backward(_rms_norm_backward_op, "rms_norm")
 
 
 def _rms_norm_setup_context(ctx, inputs, output):

@@ -27,6 +27,7 @@ HF_GATED_ACTIVATIONS = {
     "gelu_new": "gelu_tanh",
     "gelu_fast": "gelu_tanh",
     "gelu_python_tanh": "gelu_tanh",
+    "gelu_accurate": "gelu_tanh",
 }
 _GATED_OPS = {"silu": swiglu, "gelu_tanh": geglu}
 
@@ -65,8 +66,9 @@ class RMSNorm(nn.Module):
 
     @classmethod
     def from_hf(cls, module: nn.Module, *, offset: float | None = None) -> RMSNorm:
-        """Wrap an HF RMSNorm module, sharing its weight Parameter. The offset is read from the class
-        (Gemma* norms use 1 + weight) unless given."""
+        """Wrap an HF RMSNorm module, sharing its weight Parameter. Unless given, the offset (0: x_hat * w,
+        1: x_hat * (1 + w)) is measured by running the module once on a fixed input: class names do not
+        tell (Gemma3n's norm is x_hat * w, Qwen3-Next's is x_hat * (1 + w))."""
         eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
         weight = getattr(module, "weight", None)
         has_bias = getattr(module, "bias", None) is not None  # LayerNorm: mean-centred and biased, not RMSNorm
@@ -76,7 +78,7 @@ class RMSNorm(nn.Module):
                 "`variance_epsilon`/`eps` attribute, so it is not an RMSNorm fastsft can replace"
             )
         if offset is None:
-            offset = 1.0 if type(module).__name__.startswith("Gemma") else 0.0
+            offset = _probe_offset(module, weight, float(eps))
         norm = cls.__new__(cls)
         nn.Module.__init__(norm)
         norm.weight = weight
@@ -116,18 +118,15 @@ class GatedMLP(nn.Module):
     @classmethod
     def from_hf(cls, mlp: nn.Module, activation: str | None = None) -> GatedMLP:
         """Wrap an HF gated MLP (LlamaMLP, MistralMLP, Qwen2/3MLP, GemmaMLP, ...), reusing its three Linear
-        modules. The activation comes from `mlp.config` (hidden_act, or Gemma's hidden_activation) unless
-        given."""
+        modules. Unless given, the activation is identified by evaluating `mlp.act_fn` (the function the
+        module really calls; config names differ between families) and must be silu or tanh-GELU."""
         missing = [name for name in ("gate_proj", "up_proj", "down_proj") if not isinstance(getattr(mlp, name, None),
                                                                                            nn.Module)]  # fmt: skip
         if missing:
             raise TypeError(f"GatedMLP.from_hf: {type(mlp).__name__} has no {', '.join(missing)}; "
                             "only gate_proj/up_proj/down_proj MLPs can be replaced")  # fmt: skip
         if activation is None:
-            config = getattr(mlp, "config", None)
-            activation = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
-            if activation is None:
-                raise TypeError(f"GatedMLP.from_hf: {type(mlp).__name__} has no config.hidden_act; pass activation=")
+            activation = _probe_activation(mlp)
         wrapped = cls.__new__(cls)
         nn.Module.__init__(wrapped)
         wrapped.gate_proj, wrapped.up_proj, wrapped.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
@@ -138,6 +137,43 @@ class GatedMLP(nn.Module):
 
     def extra_repr(self) -> str:
         return f"activation={self.activation}"
+
+
+def _probe_offset(module: nn.Module, weight: torch.Tensor, eps: float) -> float:
+    """0.0 or 1.0: which of x_hat * w and x_hat * (1 + w) the HF norm computes, from one no-grad call."""
+    if weight.device.type == "meta":
+        raise TypeError(f"RMSNorm.from_hf: {type(module).__name__}'s weight is on the meta device; pass offset=")
+    with torch.no_grad():
+        x = torch.linspace(-2.0, 3.0, weight.numel(), dtype=torch.float32, device=weight.device).unsqueeze(0)
+        x_hat = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        out = module(x).float()
+        w = weight.detach().float()
+    tolerance = dict(rtol=2e-2, atol=2e-2)  # bf16 weights; the two forms differ by x_hat itself (~1)
+    for offset in (0.0, 1.0):
+        if torch.allclose(out, x_hat * (offset + w), **tolerance):
+            return offset
+    raise TypeError(f"RMSNorm.from_hf: {type(module).__name__} computes neither x_hat * w nor x_hat * (1 + w); "
+                    "it is not an RMSNorm fastsft can replace")  # fmt: skip
+
+
+def _probe_activation(mlp: nn.Module) -> str:
+    """The HF activation name matching what mlp.act_fn computes (silu or the tanh GELU)."""
+    act_fn = getattr(mlp, "act_fn", None)
+    if not callable(act_fn):
+        raise TypeError(f"GatedMLP.from_hf: {type(mlp).__name__} has no act_fn; pass activation=")
+    device = mlp.gate_proj.weight.device
+    with torch.no_grad():
+        g = torch.linspace(-6.0, 6.0, 241, dtype=torch.float32, device=device)
+        out = act_fn(g).float()
+    candidates = {
+        "silu": torch.nn.functional.silu(g),
+        "gelu_pytorch_tanh": torch.nn.functional.gelu(g, approximate="tanh"),
+    }
+    for name, expected in candidates.items():
+        if torch.allclose(out, expected, rtol=1e-5, atol=1e-5):
+            return name
+    raise ValueError(f"GatedMLP.from_hf: {type(mlp).__name__}.act_fn ({type(act_fn).__name__}) is neither silu nor "
+                     f"the tanh GELU; fastsft fuses {', '.join(sorted(HF_GATED_ACTIVATIONS))}")  # fmt: skip
 
 
 def _gated_activation(name) -> str:
