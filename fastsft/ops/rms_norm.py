@@ -182,7 +182,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, offset
         offset: 0 for Llama/Mistral/Qwen; 1.0 for Gemma's (1 + weight) form.
 
     Returns:
-        y [..., H] in x's dtype: statistics and products in fp32, one rounding.
+        y [..., H] in x's dtype: statistics and products in fp32, one rounding. (With fp32 weights and bf16
+        x, HF's LlamaRMSNorm promotes its output to fp32; fastsft keeps x's dtype, as the next matmul
+        wants.)
 
     The backward returns grad x in x's dtype and grad weight in weight's dtype, reduced in fp32 across rows
     without atomics (the same bits on every run).

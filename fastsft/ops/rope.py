@@ -103,6 +103,7 @@ def apply_rope(
     Returns:
         (q_out [T, Hq, D], k_out [T, Hk, D]), contiguous, in q's dtype:
         out = x * cos + rotate_half(x) * sin on the first R dims, computed in fp32 with one rounding.
+        (HF's apply_rotary_pos_emb promotes to cos/sin's dtype when it is wider; fastsft keeps q's.)
 
     Gradients flow to q and k (the backward is the transposed rotation; only cos/sin are saved). cos and
     sin are treated as constants, like the outputs of HF's rotary embedding (computed under no_grad);
