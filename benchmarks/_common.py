@@ -325,3 +325,48 @@ def plot_panels(path: Path, panels: Sequence[Sequence[BarPanel]], title: str) ->
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared by the bench_*.py scripts: command-line options, implementation notes, result files
+# --------------------------------------------------------------------------------------------------
+
+
+def add_run_options(parser) -> None:
+    """The options every kernel benchmark takes: --smoke, --out, --seed and the do_bench budget."""
+    parser.add_argument(
+        "--smoke", action="store_true",
+        help="tiny fp32 shapes; without CUDA through the Triton interpreter (checks the script, not speed)",
+    )  # fmt: skip
+    parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS_DIR, help="output folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warmup-ms", type=float, default=100.0, help="do_bench warmup (ms)")
+    parser.add_argument("--rep-ms", type=float, default=500.0, help="do_bench repetition window (ms), at least")
+    parser.add_argument("--min-reps", type=int, default=10, help="timed calls, at least")
+
+
+def implementation_notes(payload: dict) -> list[str]:
+    """One markdown line per implementation: what ran, and every distinct non-ok status or warning it had."""
+    lines = []
+    for name in payload["settings"]["impls"]:
+        entries = [e for e in payload["results"] if e["impl"] == name]
+        notes = list(dict.fromkeys(e["note"] for e in entries if e["note"]))
+        problems = list(dict.fromkeys(e["status"] for e in entries if e["status"] != "ok"))[:5]
+        warned = list(dict.fromkeys(w for e in entries for w in e["warnings"]))
+        text = "; ".join(notes) or "(did not run)"
+        if problems:
+            text += "; statuses: " + "; ".join(f"`{p}`" for p in problems)
+        if warned:
+            text += "; warnings: " + "; ".join(f"`{w}`" for w in warned[:3])
+        lines.append(f"- **{name}**: {text}")
+    return lines
+
+
+def write_result_files(payload: dict, out_dir: Path, markdown: str, panels, title: str) -> list[Path]:
+    """<benchmark>_<gpu>_<date>.{json,md,png} in out_dir."""
+    stem = result_stem(payload["benchmark"], payload["metadata"])
+    return [
+        write_json(out_dir / f"{stem}.json", payload),
+        write_text(out_dir / f"{stem}.md", markdown),
+        plot_panels(out_dir / f"{stem}.png", panels, title),
+    ]

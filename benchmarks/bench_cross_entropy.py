@@ -482,18 +482,7 @@ def _flops_table(payload: dict) -> str:
 
 def _notes(payload: dict) -> list[str]:
     """One line per implementation: what ran, and every distinct non-ok status or warning it had."""
-    lines = []
-    for name in payload["settings"]["impls"]:
-        entries = [e for e in payload["results"] if e["impl"] == name]
-        notes = list(dict.fromkeys(e["note"] for e in entries if e["note"]))
-        problems = list(dict.fromkeys(e["status"] for e in entries if e["status"] != "ok"))[:5]
-        warned = list(dict.fromkeys(w for e in entries for w in e["warnings"]))
-        text = "; ".join(notes) or "(did not run)"
-        if problems:
-            text += "; statuses: " + "; ".join(f"`{p}`" for p in problems)
-        if warned:
-            text += "; warnings: " + "; ".join(f"`{w}`" for w in warned[:3])
-        lines.append(f"- **{name}**: {text}")
+    lines = _common.implementation_notes(payload)
     if any(e["impl"] == "cce" and e["status"] == "ok" for e in payload["results"]):
         lines.append(
             "- cce's gradient filtering skips vocabulary blocks whose softmax is below bf16 resolution: on "
@@ -561,15 +550,10 @@ def _panels(payload: dict) -> list[list[_common.BarPanel]]:
 
 
 def write_outputs(payload: dict, out_dir: Path) -> list[Path]:
-    stem = _common.result_stem(payload["benchmark"], payload["metadata"])
     meta, s = payload["metadata"], payload["settings"]
     title = (f"fused linear cross-entropy fwd+bwd: {meta['gpu']}, {s['dtype']}, H={s['sweep']['h']}, "
              f"git {meta['git_revision']}")  # fmt: skip
-    return [
-        _common.write_json(out_dir / f"{stem}.json", payload),
-        _common.write_text(out_dir / f"{stem}.md", render_markdown(payload)),
-        _common.plot_panels(out_dir / f"{stem}.png", _panels(payload), title),
-    ]
+    return _common.write_result_files(payload, out_dir, render_markdown(payload), _panels(payload), title)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -594,17 +578,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="one shape: N=16384, V=128256, all prompt fractions"
     )
-    parser.add_argument(
-        "--smoke", action="store_true",
-        help="tiny fp32 shapes; without CUDA through the Triton interpreter (checks the script, not speed)",
-    )  # fmt: skip
-    parser.add_argument("--out", type=Path, default=_common.DEFAULT_RESULTS_DIR, help="output folder")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--warmup-ms", type=float, default=100.0, help="do_bench warmup (ms)")
-    parser.add_argument(
-        "--rep-ms", type=float, default=500.0, help="do_bench repetition window (ms), at least"
-    )
-    parser.add_argument("--min-reps", type=int, default=10, help="timed calls, at least")
+    _common.add_run_options(parser)
     args = parser.parse_args(argv)
     for frac in args.prompt_frac or ():
         if not 0.0 <= frac <= 1.0:

@@ -12,6 +12,8 @@ import sys
 from itertools import product
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "bench_cross_entropy.py"
 
@@ -66,11 +68,13 @@ def test_cross_entropy_bench_smoke(tmp_path):
     assert len(rows) == 2 * len(configs)  # the time table and the TFLOP/s table, one row per config
 
 
-def test_cross_entropy_bench_needs_cuda_without_smoke(tmp_path):
+@pytest.mark.parametrize("script", ["bench_cross_entropy.py", "bench_elementwise.py"])
+def test_kernel_benches_need_cuda_without_smoke(tmp_path, script):
+    """Without a GPU, a real (non-smoke) run refuses with a clear message and writes nothing."""
     if _cuda_available():
         return  # the check below is about machines without a GPU
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path)],
+        [sys.executable, str(REPO / "benchmarks" / script), "--quick", "--out", str(tmp_path)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 2, done
