@@ -5,6 +5,7 @@ for each call follows FASTSFT_BACKEND (see fastsft/ops/_backend.py).
 """
 
 from .activations import geglu, swiglu
+from .attention import varlen_attention
 from .cross_entropy import cross_entropy, fused_linear_cross_entropy
 from .rms_norm import add_rms_norm, rms_norm
 from .rope import apply_rope
@@ -17,4 +18,5 @@ __all__ = [
     "geglu",
     "rms_norm",
     "swiglu",
+    "varlen_attention",
 ]

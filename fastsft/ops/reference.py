@@ -21,6 +21,8 @@ never NaN), "sum" does not divide, "none" returns one loss per row.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 # Rows of logits materialised at once by the reference helpers: bounds CPU memory at ~256 MiB of fp32
@@ -291,3 +293,114 @@ def gated_activation_with_grads(grad_out, gate, up, activation):
         act, derivative = g * s, s + g * s * (1.0 - s) * 2.0 * du
     dout = grad_out.to(dtype)
     return dout * up.to(dtype) * derivative, dout * act
+
+
+def attention_allowed(
+    n_queries: int, n_keys: int, *, causal: bool, window: int | None, device=None
+) -> torch.Tensor:
+    """Bool [n_queries, n_keys]: may query i attend to key j, within one document (i, j are positions in
+    it). causal: j <= i. window W (left context, Hugging Face's `sliding_window`): i - j < W, so each
+    query sees at most W keys, itself included."""
+    i = torch.arange(n_queries, device=device).unsqueeze(1)
+    j = torch.arange(n_keys, device=device).unsqueeze(0)
+    allowed = torch.ones(n_queries, n_keys, dtype=torch.bool, device=device)
+    if causal:
+        allowed &= j <= i
+    if window is not None:
+        allowed &= i - j < window
+    return allowed
+
+
+def attention_scores(q, k, *, scale: float, softcap: float | None) -> torch.Tensor:
+    """q [S, Hq, D], k [S, Hq, D] -> scores [Hq, S, S] = softcap(scale * q k^T), in q's dtype."""
+    return _softcapped(torch.einsum("qhd,khd->hqk", q, k) * scale, softcap)
+
+
+def _documents(cu_seqlens: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, end) row ranges of the non-empty documents."""
+    bounds = [int(b) for b in cu_seqlens.tolist()]
+    return [(start, end) for start, end in itertools.pairwise(bounds) if end > start]
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int | None = None,
+    *,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    return_lse: bool = False,
+    eager_softmax: bool = False,
+):
+    """Plain attention run document by document: the oracle for fastsft.ops.varlen_attention.
+
+    q [T, Hq, D], k/v [T, Hk, D] (Hq % Hk == 0: each k/v head serves Hq / Hk consecutive q heads),
+    cu_seqlens [B+1] with document b at rows cu_seqlens[b]:cu_seqlens[b+1]. For each document and head:
+        s = softcap(scale * q k^T)  (softcap(x) = c * tanh(x / c), or x), masked by `attention_allowed`
+        out = softmax(s) v,  lse = logsumexp(s) per query
+    Differentiable (autograd). Computes in q's dtype, like torch's own attention in that dtype, except:
+    eager_softmax=True does the softmax in fp32 and casts the probabilities back, as Hugging Face's eager
+    attention does (the "torch's own low precision" baseline of the tests). max_seqlen is not needed here.
+
+    Returns out [T, Hq, D] (and lse [Hq, T] in float32 or float64 when return_lse).
+    """
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    group = q.shape[1] // k.shape[1]
+    outs, lses = [], []
+    for start, end in _documents(cu_seqlens):
+        q_doc = q[start:end]
+        k_doc = k[start:end].repeat_interleave(group, dim=1)
+        v_doc = v[start:end].repeat_interleave(group, dim=1)
+        scores = attention_scores(q_doc, k_doc, scale=scale, softcap=softcap)
+        allowed = attention_allowed(end - start, end - start, causal=causal, window=window, device=q.device)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        if eager_softmax:
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        else:
+            probs = torch.softmax(scores, dim=-1)
+        outs.append(torch.einsum("hqk,khd->qhd", probs, v_doc))
+        if return_lse:
+            lses.append(torch.logsumexp(scores.to(compute_dtype(q.dtype)), dim=-1))
+    out = torch.cat(outs) if outs else q.new_zeros(q.shape)
+    if not return_lse:
+        return out
+    lse = torch.cat(lses, dim=1) if lses else q.new_zeros((q.shape[1], 0), dtype=compute_dtype(q.dtype))
+    return out, lse
+
+
+def varlen_attention_with_grads(
+    grad_out, q, k, v, cu_seqlens, *, causal=True, softmax_scale=None, window=None, softcap=None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of `varlen_attention` for the incoming gradient grad_out [T, Hq, D], written out:
+    per document, with P = softmax(s), s = softcap(scale * q k^T) masked, t = tanh(scale * q k^T / c):
+        dv = P^T dO,  dP = dO v^T,  dS = P * (dP - rowsum(dP * P)) [* (1 - t^2) with softcap]
+        dq = scale * dS k,  dk = scale * dS^T q
+    with dk, dv summed over the q heads that share a k/v head. Computed in `compute_dtype`; returned in
+    the input dtypes. (The reference backend's backward: autograd does not record inside a custom op.)"""
+    work = compute_dtype(q.dtype)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    group = q.shape[1] // k.shape[1]
+    dq = torch.zeros(q.shape, dtype=work, device=q.device)
+    dk = torch.zeros(k.shape, dtype=work, device=q.device)
+    dv = torch.zeros(v.shape, dtype=work, device=q.device)
+    for start, end in _documents(cu_seqlens):
+        q_doc, d_out = q[start:end].to(work), grad_out[start:end].to(work)
+        k_doc = k[start:end].to(work).repeat_interleave(group, dim=1)
+        v_doc = v[start:end].to(work).repeat_interleave(group, dim=1)
+        raw = torch.einsum("qhd,khd->hqk", q_doc, k_doc) * scale
+        scores = _softcapped(raw, softcap)
+        allowed = attention_allowed(end - start, end - start, causal=causal, window=window, device=q.device)
+        probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+        d_probs = torch.einsum("qhd,khd->hqk", d_out, v_doc)
+        d_scores = probs * (d_probs - (d_probs * probs).sum(-1, keepdim=True))
+        if softcap is not None:
+            d_scores = d_scores * (1 - torch.tanh(raw / softcap) ** 2)
+        dq[start:end] = scale * torch.einsum("hqk,khd->qhd", d_scores, k_doc)
+        heads = (end - start, k.shape[1], group, k.shape[2])
+        dk[start:end] = (scale * torch.einsum("hqk,qhd->khd", d_scores, q_doc)).view(heads).sum(2)
+        dv[start:end] = torch.einsum("hqk,qhd->khd", probs, d_out).view(heads).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -1,0 +1,235 @@
+"""varlen_attention: causal attention over packed documents as torch custom ops (Triton or reference).
+
+The forward op returns (out, lse); the backward is its own op that recomputes the probabilities from lse
+(FlashAttention-2), so autograd saves q, k, v, out and the fp32 lse [Hq, T] and nothing of size T x T.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import reference
+from ._backend import check_float, debug_checks, describe, select_backend
+
+_OP = "varlen_attention"
+
+
+def _unit_dim_stride(t: torch.Tensor) -> torch.Tensor:
+    # The kernels take any token/head strides (views of a fused qkv projection, HF's transposed
+    # [B, H, S, D] tensors) but need unit stride along D; under torch.compile a grad may arrive expanded.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@torch.library.custom_op("fastsft::varlen_attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    causal: bool,
+    scale: float,
+    window: int | None,
+    softcap: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (out [T, Hq, D] in q's dtype, lse [Hq, T] float32 (float64 for float64 inputs), natural log)."""
+    if select_backend(_OP, q) == "reference":
+        work = reference.compute_dtype(q.dtype)
+        out, lse = reference.varlen_attention(
+            q.to(work), k.to(work), v.to(work), cu_seqlens,
+            causal=causal, softmax_scale=scale, window=window, softcap=softcap, return_lse=True,
+        )  # fmt: skip
+        return out.to(q.dtype).contiguous(), lse.contiguous()
+    from fastsft.kernels.attention import attention_forward
+
+    q, k, v = _unit_dim_stride(q), _unit_dim_stride(k), _unit_dim_stride(v)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+    attention_forward(q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale, window=window,
+                      softcap=softcap, out=out, lse=lse)  # fmt: skip
+    return out, lse
+
+
+@_attention_op.register_fake
+def _attention_fake(q, k, v, cu_seqlens, max_seqlen, causal, scale, window, softcap):
+    lse_dtype = reference.compute_dtype(q.dtype)
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype)
+
+
+@torch.library.custom_op("fastsft::varlen_attention_backward", mutates_args=())
+def _attention_backward_op(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    causal: bool,
+    scale: float,
+    window: int | None,
+    softcap: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dq [T, Hq, D], dk [T, Hk, D], dv [T, Hk, D]) in the inputs' dtype."""
+    if select_backend(_OP, q) == "reference":
+        grads = reference.varlen_attention_with_grads(
+            grad_out, q, k, v, cu_seqlens, causal=causal, softmax_scale=scale, window=window, softcap=softcap
+        )
+        return tuple(g.contiguous() for g in grads)
+    from fastsft.kernels.attention import attention_backward
+
+    grad_out, q, k, v, out = (_unit_dim_stride(t) for t in (grad_out, q, k, v, out))
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    attention_backward(grad_out, q, k, v, out, lse.contiguous(), cu_seqlens, max_seqlen, causal=causal,
+                       scale=scale, window=window, softcap=softcap, dq=dq, dk=dk, dv=dv)  # fmt: skip
+    return dq, dk, dv
+
+
+@_attention_backward_op.register_fake
+def _attention_backward_fake(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale, window, softcap):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, causal, scale, window, softcap = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.options = (max_seqlen, causal, scale, window, softcap)
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    # lse is an internal output (never returned by varlen_attention), so its gradient is always None/0.
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse, cu_seqlens, *ctx.options)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+def _fail_double_backward(ctx, *grads):
+    raise RuntimeError(f"fastsft {_OP}: double backward (differentiating its gradient) is not supported")
+
+
+_attention_backward_op.register_autograd(_fail_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def _check_cu_seqlens_values(cu_seqlens: torch.Tensor, n_tokens: int, max_seqlen: int) -> None:
+    """The checks that read cu_seqlens' values: always on CPU tensors, on CUDA only with FASTSFT_DEBUG=1
+    (each costs a host sync), never while torch.compile traces."""
+    if torch.compiler.is_compiling() or (cu_seqlens.is_cuda and not debug_checks()):
+        return
+    values = cu_seqlens.tolist()
+    if values[0] != 0:
+        raise ValueError(f"{_OP}: cu_seqlens must start at 0, got cu_seqlens[0] = {values[0]}")
+    lengths = [b - a for a, b in zip(values[:-1], values[1:], strict=True)]
+    for index, length in enumerate(lengths):
+        if length < 0:
+            raise ValueError(
+                f"{_OP}: cu_seqlens must be non-decreasing, got cu_seqlens[{index}] = {values[index]} > "
+                f"cu_seqlens[{index + 1}] = {values[index + 1]}"
+            )
+    if values[-1] != n_tokens:
+        raise ValueError(
+            f"{_OP}: cu_seqlens[-1] = {values[-1]} must equal the number of tokens T = {n_tokens} (q.shape[0])"
+        )
+    longest = max(lengths)
+    if longest > max_seqlen:
+        raise ValueError(
+            f"{_OP}: max_seqlen = {max_seqlen} is less than the longest document ({longest} tokens, "
+            f"document {lengths.index(longest)})"
+        )
+
+
+def _check(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, window, softcap) -> int:
+    """Validate every argument (clear errors naming the tensor, shape and dtype); returns max_seqlen."""
+    check_float(_OP, "q", q, 3, "[T, Hq, D]")
+    check_float(_OP, "k", k, 3, "[T, Hk, D]")
+    check_float(_OP, "v", v, 3, "[T, Hk, D]")
+    n_tokens, n_q_heads, head_dim = q.shape
+    if k.shape != v.shape or k.shape[0] != n_tokens or k.shape[2] != head_dim:
+        raise ValueError(f"{_OP}: k and v must both be [T, Hk, D] = [{n_tokens}, Hk, {head_dim}] like q; "
+                         f"q: {describe(q)}; k: {describe(k)}; v: {describe(v)}")  # fmt: skip
+    if k.shape[1] == 0 or n_q_heads % k.shape[1]:
+        raise ValueError(f"{_OP}: the q heads (Hq = {n_q_heads}) must be a multiple of the k/v heads "
+                         f"(Hk = {k.shape[1]}) for grouped-query attention")  # fmt: skip
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype or t.device != q.device:
+            raise TypeError(f"{_OP}: q, k and v must share dtype and device; q: {describe(q)}; {name}: {describe(t)}")
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"{_OP}: cu_seqlens must be an int32 tensor [B+1], got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise TypeError(f"{_OP}: cu_seqlens must be a 1-D int32 tensor [B+1] with B >= 1 (document b = rows "
+                        f"cu_seqlens[b]:cu_seqlens[b+1]), got {describe(cu_seqlens)}")  # fmt: skip
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"{_OP}: cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+    if isinstance(max_seqlen, torch.Tensor):
+        max_seqlen = int(max_seqlen)  # flash-attn accepts a 0-d tensor too; costs one sync
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise TypeError(f"{_OP}: max_seqlen must be a non-negative int (the longest document), got {max_seqlen!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"{_OP}: causal must be a bool, got {causal!r}")
+    if softmax_scale is not None and not (math.isfinite(float(softmax_scale)) and float(softmax_scale) > 0):
+        raise ValueError(f"{_OP}: softmax_scale must be None (1/sqrt(D)) or a finite float > 0, got {softmax_scale}")
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"{_OP}: window must be None or an int >= 1 (keys per query, itself included), "
+                             f"got {window!r}")  # fmt: skip
+        if not causal:
+            raise ValueError(f"{_OP}: window (left context) needs causal=True")
+    if softcap is not None and not (math.isfinite(float(softcap)) and float(softcap) > 0):
+        raise ValueError(f"{_OP}: softcap must be None or a finite float > 0, got {softcap}")
+    if head_dim > 256 and select_backend(_OP, q) == "triton":
+        raise ValueError(f"{_OP}: the Triton kernels take head dims up to 256, got D = {head_dim}")
+    _check_cu_seqlens_values(cu_seqlens, n_tokens, max_seqlen)
+    return max_seqlen
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Attention over packed documents: no query attends across a document boundary, nothing is padded.
+
+    Args:
+        q: [T, Hq, D] float16 / bfloat16 / float32 (float64: reference backend). Any token and head strides
+            with unit stride along D, so views of a fused qkv projection are read in place. D <= 256.
+        k, v: [T, Hk, D], same dtype and device; Hq % Hk == 0 (grouped-query attention: q head h uses k/v
+            head h // (Hq / Hk); k/v are never repeated in memory).
+        cu_seqlens: int32 [B+1], 0 = cu_seqlens[0] <= ... <= cu_seqlens[B] = T; document b is rows
+            cu_seqlens[b]:cu_seqlens[b+1] (empty documents are allowed).
+        max_seqlen: int >= the longest document (as flash-attn takes it); picks block sizes.
+        causal: key j of a document is visible to its query i only when j <= i.
+        softmax_scale: defaults to 1 / sqrt(D).
+        window: sliding-window left context W (Hugging Face's `sliding_window`, Mistral / Gemma):
+            query i sees keys j with i - j < W, itself included. Needs causal=True.
+        softcap: Gemma-2 logit soft-capping c: scores become c * tanh(scale * q.k / c).
+
+    Returns:
+        out [T, Hq, D] in q's dtype, contiguous: per document and head, softmax(s) v with
+        s = softcap(scale * q k^T) masked as above. Softmax statistics in fp32 (online, log-sum-exp saved
+        for the backward); products on tensor cores in the input dtype with fp32 accumulation.
+
+    Differentiable in q, k and v (FlashAttention-2 backward, deterministic: no atomics).
+    Checks of cu_seqlens' values (starts at 0, non-decreasing, ends at T, max_seqlen large enough) need a
+    host sync: they run on CPU tensors always and on CUDA tensors with FASTSFT_DEBUG=1.
+    """
+    max_seqlen = _check(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, window, softcap)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    out, _ = _attention_op(
+        q, k, v, cu_seqlens, max_seqlen, causal, scale, window, None if softcap is None else float(softcap)
+    )
+    return out
