@@ -282,7 +282,8 @@ def _grad_kv_blocks(
         tokens = (doc_start + rows).to(tl.int64)
         q_t = tl.load(Q_ptr + tokens[None, :] * q_token_stride + dims[:, None],
                       mask=dim_ok[:, None] & row_ok[None, :], other=0.0)  # fmt: skip
-        # Rows past the document: lse = +inf makes their probabilities exactly 0.
+        # Rows past the document load q = dO = 0, so they add nothing to dK / dV; lse = +inf makes their
+        # probabilities exactly 0 as well, so no product of them can turn into inf or NaN.
         lse2 = tl.load(LSE_ptr + tokens, mask=row_ok, other=float("inf")) * 1.4426950408889634
         qk_t = dot_acc(k, q_t, tl.zeros([BLOCK_N, BLOCK_M], tl.float32), DOT_IN_FP32, DOT_IEEE)
         s_t, tanh_t = _scores_log2(qk_t, qk_scale, softcap_log2, HAS_SOFTCAP)
@@ -474,7 +475,12 @@ def launch_config(head_dim: int, pass_name: str, max_seqlen: int) -> dict:
     """{BLOCK_M, BLOCK_N, num_warps, num_stages} of one pass ("fwd", "grad_kv", "grad_q")."""
     override = os.environ.get("FASTSFT_ATTENTION_BLOCKS")
     if override:
-        block_m, block_n = (int(x) for x in override.split(","))
+        try:
+            block_m, block_n = (int(x) for x in override.split(","))
+        except ValueError:
+            block_m = block_n = 0
+        if not all(b >= 16 and b & (b - 1) == 0 for b in (block_m, block_n)):
+            raise ValueError(f"FASTSFT_ATTENTION_BLOCKS={override!r} must be 'M,N', two powers of two >= 16")
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1)
     if interpreting():
         return dict(BLOCK_M=_INTERPRETER_BLOCK, BLOCK_N=_INTERPRETER_BLOCK, num_warps=4, num_stages=1)

@@ -13,6 +13,7 @@ import sys
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
 
 from fastsft.kernels import activations as act  # noqa: E402
+from fastsft.kernels import attention as attn  # noqa: E402
 from fastsft.kernels import cross_entropy as ce  # noqa: E402
 from fastsft.kernels import linear_cross_entropy as lce  # noqa: E402
 from fastsft.kernels import rms_norm as rms  # noqa: E402
@@ -21,7 +22,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, compile  # noqa: E402
 
 I64_SCALARS = {"row_offset", "chunk_start"}
-FP32_SCALARS = {"label_smoothing", "z_loss", "softcap", "eps", "offset"}
+FP32_SCALARS = {"label_smoothing", "z_loss", "softcap", "eps", "offset", "qk_scale", "softcap_log2", "grad_scale"}
 
 
 def signature(kernel, pointer_types: dict, default_pointer: str) -> dict:
@@ -72,6 +73,7 @@ def cases(dtype: str):
         gemm_launch,
     )
     yield from elementwise_cases(dtype)
+    yield from attention_cases(dtype)
 
 
 def elementwise_cases(dtype: str):
@@ -105,6 +107,36 @@ def elementwise_cases(dtype: str):
     for activation in act.ACTIVATIONS.values():
         for kernel in (act._gated_forward_kernel, act._gated_backward_kernel):
             yield kernel, {}, dict(config, ACTIVATION=activation, **fix), {"num_warps": num_warps}
+
+
+# (dtype, head dim, mask options on) for varlen attention: compiles are slow (~5 s each), so every head-dim
+# class with every option on (the most code) in bf16, the plain causal path in bf16 and fp16, and fp32
+# (its own shared-memory budget).
+ATTENTION_CASES = (("bf16", 64, True), ("bf16", 128, True), ("bf16", 256, True), ("bf16", 128, False),
+                   ("fp16", 128, False), ("fp32", 128, True))  # fmt: skip
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def attention_cases(dtype: str):
+    """Varlen attention kernels at their GPU block sizes and launch shapes."""
+    import torch
+
+    dots = {"DOT_IN_FP32": False, "DOT_IEEE": dtype == "fp32", "FIX_BF16_ROUNDING": False}
+    index = {"CU_SEQLENS_ptr": "i32", "BLOCK_DOC_ptr": "i32", "BLOCK_CUM_ptr": "i32", "LSE_ptr": "fp32",
+             "DELTA_ptr": "fp32"}  # fmt: skip
+    kernels = {"fwd": attn._attention_forward_kernel, "grad_kv": attn._attention_grad_kv_kernel,
+               "grad_q": attn._attention_grad_q_kernel}  # fmt: skip
+    for case_dtype, head_dim, options in ATTENTION_CASES:
+        if case_dtype != dtype:
+            continue
+        flags = dict(CAUSAL=True, HAS_WINDOW=options, HAS_SOFTCAP=options)
+        for pass_name, kernel in kernels.items():
+            config = attn.launch_config(head_dim, pass_name, 8192, getattr(torch, TORCH_DTYPES[dtype]))
+            launch = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
+            constexprs = dict(config, **flags, **dots, BLOCK_D=attn.padded_head_dim(head_dim))
+            yield kernel, index, constexprs, launch
+    if dtype == "bf16":
+        yield attn._attention_delta_kernel, {"DELTA_ptr": "fp32"}, {"BLOCK_T": 64, "BLOCK_D": 128}, {"num_warps": 4}
 
 
 def main() -> int:

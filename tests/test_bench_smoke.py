@@ -68,7 +68,7 @@ def test_cross_entropy_bench_smoke(tmp_path):
     assert len(rows) == 2 * len(configs)  # the time table and the TFLOP/s table, one row per config
 
 
-@pytest.mark.parametrize("script", ["bench_cross_entropy.py", "bench_elementwise.py"])
+@pytest.mark.parametrize("script", ["bench_cross_entropy.py", "bench_elementwise.py", "bench_attention.py"])
 def test_kernel_benches_need_cuda_without_smoke(tmp_path, script):
     """Without a GPU, a real (non-smoke) run refuses with a clear message and writes nothing."""
     if _cuda_available():

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 GEMM_KERNELS = ("_logits_kernel", "_grad_hidden_kernel", "_grad_weight_kernel")
+ATTENTION_KERNELS = ("_attention_forward_kernel", "_attention_grad_kv_kernel", "_attention_grad_q_kernel")
 EXPECTED_KERNELS = GEMM_KERNELS + (
     "_cross_entropy_rows_kernel",
     "_rope_kernel",
@@ -16,7 +17,8 @@ EXPECTED_KERNELS = GEMM_KERNELS + (
     "_rms_norm_backward_kernel",
     "_gated_forward_kernel",
     "_gated_backward_kernel",
-)
+    "_attention_delta_kernel",
+) + ATTENTION_KERNELS
 
 
 @pytest.fixture(scope="module")
@@ -43,3 +45,17 @@ def test_gemm_kernels_use_tensor_cores(compile_records):
     for r in gemms:
         used = r["wgmma"] if r["arch"] == 90 else r["mma_sync"]
         assert used, f"{r['kernel']} sm_{r['arch']} {r['dtype']} does not use tensor cores"
+
+
+# Shared memory a block may use: A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+
+def test_attention_kernels_use_tensor_cores_and_fit_shared_memory(compile_records):
+    attention = [r for r in compile_records if r["kernel"] in ATTENTION_KERNELS]
+    assert {r["dtype"] for r in attention} == {"bf16", "fp16", "fp32"}
+    for r in attention:
+        where = f"{r['kernel']} sm_{r['arch']} {r['dtype']} D={r['constexprs']['BLOCK_D']}"
+        assert r["shared_bytes"] <= SHARED_LIMIT[r["arch"]], f"{where}: {r['shared_bytes']} B of shared memory"
+        if r["dtype"] != "fp32":
+            assert r["wgmma"] if r["arch"] == 90 else r["mma_sync"], f"{where} does not use tensor cores"
