@@ -9,7 +9,8 @@ import sys
 def _cmd_train(args: argparse.Namespace) -> int:
     print(
         "fastsft train: training arrives with the training-loop issue (#7).\n"
-        "Available today: the fused response-masked cross-entropy, RoPE, RMSNorm and SwiGLU/GeGLU ops, e.g.\n"
+        "Available today: the fused response-masked cross-entropy, RoPE, RMSNorm, SwiGLU/GeGLU and\n"
+        "packed-sequence (varlen) attention ops, e.g.\n"
         "  from fastsft.ops import fused_linear_cross_entropy\n"
         "  loss = fused_linear_cross_entropy(hidden, lm_head.weight, labels)\n"
         "Run `fastsft info` to see which backend and kernels this machine uses."
