@@ -459,6 +459,13 @@ _GPU_CONFIGS = {
         "grad_kv": dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1),
         "grad_q": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1),
     },
+    # fp32 rows take twice the bytes of 16-bit ones, so fp32 uses the class of twice its head dim; fp32
+    # with head dims 129..256 lands here (the 16-bit tiles of this size overflow an A100's shared memory).
+    512: {
+        "fwd": dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1),
+        "grad_kv": dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1),
+        "grad_q": dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1),
+    },
 }
 # The interpreter's cost is per block operation, and small blocks let small test documents cross block
 # boundaries; FASTSFT_ATTENTION_BLOCKS="M,N" overrides every pass (tests, tuning experiments).
@@ -471,8 +478,9 @@ def padded_head_dim(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def launch_config(head_dim: int, pass_name: str, max_seqlen: int) -> dict:
-    """{BLOCK_M, BLOCK_N, num_warps, num_stages} of one pass ("fwd", "grad_kv", "grad_q")."""
+def launch_config(head_dim: int, pass_name: str, max_seqlen: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """{BLOCK_M, BLOCK_N, num_warps, num_stages} of one pass ("fwd", "grad_kv", "grad_q") for q/k/v of
+    `dtype` (fp32 tiles need twice the shared memory of fp16 / bf16 ones)."""
     override = os.environ.get("FASTSFT_ATTENTION_BLOCKS")
     if override:
         try:
@@ -484,7 +492,8 @@ def launch_config(head_dim: int, pass_name: str, max_seqlen: int) -> dict:
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1)
     if interpreting():
         return dict(BLOCK_M=_INTERPRETER_BLOCK, BLOCK_N=_INTERPRETER_BLOCK, num_warps=4, num_stages=1)
-    config = dict(_GPU_CONFIGS[min(c for c in _GPU_CONFIGS if c >= padded_head_dim(head_dim))][pass_name])
+    row_bytes_class = padded_head_dim(head_dim) * (2 if dtype == torch.float32 else 1)
+    config = dict(_GPU_CONFIGS[min(c for c in _GPU_CONFIGS if c >= row_bytes_class)][pass_name])
     if pass_name != "grad_kv" and max_seqlen <= 64:
         # Batches of only short documents: 64-query blocks waste fewer rows than 128-query ones.
         config["BLOCK_M"] = min(config["BLOCK_M"], 64)
@@ -510,26 +519,29 @@ def block_table(cu_seqlens: torch.Tensor, n_tokens: int, block: int) -> tuple[to
     return block_doc.clamp_(max=n_docs - 1), block_cum, n_programs
 
 
-def _masks(causal: bool, window: int | None, softcap: float | None, scale: float) -> tuple[dict, dict]:
+def _masks(causal: bool, window: int | None, softcap: float | None, scale: float, n_tokens: int) -> tuple[dict, dict]:
     """(scalar arguments, constexpr flags) shared by the forward and backward kernels."""
+    # A window >= T sees as much as no window. Clamping it keeps the kernels' position sums (n0 + window,
+    # ...) inside int32: "no limit" spelled as 2**31 - 1 or sys.maxsize would wrap and skip every block.
+    window_arg = 0 if window is None else min(window, n_tokens)
     if softcap is None:
-        scalars = dict(window=window or 0, qk_scale=scale * LOG2E, softcap_log2=0.0)
+        scalars = dict(window=window_arg, qk_scale=scale * LOG2E, softcap_log2=0.0)
     else:
-        scalars = dict(window=window or 0, qk_scale=scale / softcap, softcap_log2=softcap * LOG2E)
+        scalars = dict(window=window_arg, qk_scale=scale / softcap, softcap_log2=softcap * LOG2E)
     flags = dict(CAUSAL=causal, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None)
     return scalars, flags
 
 
 def attention_forward(q, k, v, cu_seqlens, max_seqlen, *, causal, scale, window, softcap, out, lse) -> None:
     """Fill out [T, Hq, D] (q's dtype) and lse [Hq, T] (fp32, natural log). q/k/v/out have unit stride
-    along D; cu_seqlens is a valid int32 [B+1] prefix (validated by the caller)."""
+    along D; cu_seqlens is a valid, contiguous int32 [B+1] prefix (the caller validates it)."""
     n_tokens, n_q_heads, head_dim = q.shape
     if n_tokens == 0:
         return
-    config = launch_config(head_dim, "fwd", max_seqlen)
+    config = launch_config(head_dim, "fwd", max_seqlen, q.dtype)
     block_m = config.pop("BLOCK_M")
     block_doc, block_cum, n_blocks = block_table(cu_seqlens, n_tokens, block_m)
-    scalars, flags = _masks(causal, window, softcap, scale)
+    scalars, flags = _masks(causal, window, softcap, scale, n_tokens)
     _attention_forward_kernel[(n_blocks * n_q_heads,)](
         q, k, v, out, lse, cu_seqlens, block_doc, block_cum,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -556,12 +568,12 @@ def attention_backward(
         out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1), delta.stride(0),
         BLOCK_T=delta_block, BLOCK_D=block_d,
     )  # fmt: skip
-    scalars, flags = _masks(causal, window, softcap, scale)
+    scalars, flags = _masks(causal, window, softcap, scale, n_tokens)
     common = dict(**scalars, **flags, grad_scale=scale, BLOCK_D=block_d, **dot_config(q.dtype),
                   FIX_BF16_ROUNDING=interpreting())  # fmt: skip
     assert lse.stride() == delta.stride()
 
-    config = launch_config(head_dim, "grad_kv", max_seqlen)
+    config = launch_config(head_dim, "grad_kv", max_seqlen, q.dtype)
     block_doc, block_cum, n_blocks = block_table(cu_seqlens, n_tokens, config["BLOCK_N"])
     _attention_grad_kv_kernel[(n_blocks * n_kv_heads,)](
         q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, block_doc, block_cum,
@@ -570,7 +582,7 @@ def attention_backward(
         lse.stride(0), n_kv_heads, n_q_heads // n_kv_heads, head_dim, **common, **config,
     )  # fmt: skip
 
-    config = launch_config(head_dim, "grad_q", max_seqlen)
+    config = launch_config(head_dim, "grad_q", max_seqlen, q.dtype)
     block_doc, block_cum, n_blocks = block_table(cu_seqlens, n_tokens, config["BLOCK_M"])
     _attention_grad_q_kernel[(n_blocks * n_q_heads,)](
         q, k, v, grad_out, lse, delta, dq, cu_seqlens, block_doc, block_cum,

@@ -107,6 +107,29 @@ def test_window_of_one_attends_to_itself_only(triton_backend):
     assert dq.abs().max() < 1e-5 and dk.abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("window", [2**31 - 1, 2**63 - 1], ids=["int32_max", "int64_max"])
+def test_window_meaning_no_limit(triton_backend, window):
+    """A window of 2**31 - 1 or sys.maxsize ("no limit") equals no window: the kernels' position sums
+    (key block + window) used to wrap around int32 and skip every query block, leaving dK = dV = 0."""
+    check_parity([5, 20], n_q_heads=2, n_kv_heads=1, head_dim=16, window=window)
+
+
+def test_strided_cu_seqlens(triton_backend):
+    """cu_seqlens as a strided view (a column of a bigger table) reads the same documents as a copy."""
+    q, k, v, cu_seqlens = documents([5, 20, 3], n_q_heads=2, n_kv_heads=1, head_dim=16)
+    for t in (q, k, v):
+        t.requires_grad_()
+    strided = torch.stack([cu_seqlens, torch.zeros_like(cu_seqlens)], dim=1)[:, 0]
+    assert not strided.is_contiguous()
+    grad = torch.randn_like(q)
+    results = []
+    for cu in (strided, cu_seqlens):
+        out = varlen_attention(q, k, v, cu, 20)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+    for strided_result, contiguous_result in zip(*results, strict=True):
+        torch.testing.assert_close(strided_result, contiguous_result, rtol=0, atol=0)
+
+
 def test_one_long_document_with_window(triton_backend):
     """Many blocks on both sides of the diagonal and of the window edge, mask-free blocks in between."""
     check_parity([150], n_q_heads=2, n_kv_heads=1, head_dim=16, window=40)

@@ -10,15 +10,19 @@ import pytest
 
 GEMM_KERNELS = ("_logits_kernel", "_grad_hidden_kernel", "_grad_weight_kernel")
 ATTENTION_KERNELS = ("_attention_forward_kernel", "_attention_grad_kv_kernel", "_attention_grad_q_kernel")
-EXPECTED_KERNELS = GEMM_KERNELS + (
-    "_cross_entropy_rows_kernel",
-    "_rope_kernel",
-    "_rms_norm_forward_kernel",
-    "_rms_norm_backward_kernel",
-    "_gated_forward_kernel",
-    "_gated_backward_kernel",
-    "_attention_delta_kernel",
-) + ATTENTION_KERNELS
+EXPECTED_KERNELS = (
+    GEMM_KERNELS
+    + (
+        "_cross_entropy_rows_kernel",
+        "_rope_kernel",
+        "_rms_norm_forward_kernel",
+        "_rms_norm_backward_kernel",
+        "_gated_forward_kernel",
+        "_gated_backward_kernel",
+        "_attention_delta_kernel",
+    )
+    + ATTENTION_KERNELS
+)
 
 
 @pytest.fixture(scope="module")

@@ -45,6 +45,7 @@ def _attention_op(
     from fastsft.kernels.attention import attention_forward
 
     q, k, v = _unit_dim_stride(q), _unit_dim_stride(k), _unit_dim_stride(v)
+    cu_seqlens = cu_seqlens.contiguous()  # the kernels index it as a dense array (a strided view reads garbage)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
     attention_forward(q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale, window=window,
@@ -82,6 +83,7 @@ def _attention_backward_op(
     from fastsft.kernels.attention import attention_backward
 
     grad_out, q, k, v, out = (_unit_dim_stride(t) for t in (grad_out, q, k, v, out))
+    cu_seqlens = cu_seqlens.contiguous()
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)

@@ -295,9 +295,7 @@ def gated_activation_with_grads(grad_out, gate, up, activation):
     return dout * up.to(dtype) * derivative, dout * act
 
 
-def attention_allowed(
-    n_queries: int, n_keys: int, *, causal: bool, window: int | None, device=None
-) -> torch.Tensor:
+def attention_allowed(n_queries: int, n_keys: int, *, causal: bool, window: int | None, device=None) -> torch.Tensor:
     """Bool [n_queries, n_keys]: may query i attend to key j, within one document (i, j are positions in
     it). causal: j <= i. window W (left context, Hugging Face's `sliding_window`): i - j < W, so each
     query sees at most W keys, itself included."""
