@@ -9,6 +9,10 @@ per document and a block -> document map, on the device (no host sync), so a bat
 documents launches one program per real block and none for [max_seqlen]-sized padding. A program's id
 is head-fastest (pid = block * heads + head): consecutive programs share their K/V block in L2.
 
+The head dim is a constexpr (models have one): with a run-time head dim the D-mask of every K/V load is
+opaque to the compiler, the loads go element by element, and Triton does not software-pipeline them (no
+cp.async / no multi-stage buffering; seen in the sm_90 PTX). Padded dims (80, 96 -> 128) keep 16-wide runs.
+
 Masking. Within a document, query i may see key j when j < L (document length), j <= i (causal) and
 i - j < window (left context, Hugging Face's `sliding_window`). Key blocks that no query of the block may
 see are never visited (not masked: skipped), and the visited range is split into blocks that need the
@@ -155,13 +159,13 @@ def _query_ranges(n0, seq_len, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.conste
 @triton.jit
 def _forward_blocks(
     acc, m_i, l_i, q, K_ptr, V_ptr, k_token_stride, v_token_stride,
-    rows, dims, doc_start, seq_len, head_dim, window, qk_scale, softcap_log2, start, end,
+    rows, dims, doc_start, seq_len, window, qk_scale, softcap_log2, start, end, HEAD_DIM: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_IN_FP32: tl.constexpr, DOT_IEEE: tl.constexpr,
     FIX_BF16_ROUNDING: tl.constexpr,
 ):  # fmt: skip
     """Online-softmax update of (acc, m_i, l_i) over key blocks start, start + BLOCK_N, ... < end."""
-    dim_ok = dims < head_dim
+    dim_ok = dims < HEAD_DIM
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         tokens = (doc_start + cols).to(tl.int64)
@@ -193,7 +197,7 @@ def _attention_forward_kernel(
     Q_ptr, K_ptr, V_ptr, OUT_ptr, LSE_ptr, CU_SEQLENS_ptr, BLOCK_DOC_ptr, BLOCK_CUM_ptr,
     q_token_stride, q_head_stride, k_token_stride, k_head_stride, v_token_stride, v_head_stride,
     out_token_stride, out_head_stride, lse_head_stride,
-    n_q_heads, group_size, head_dim, window, qk_scale, softcap_log2,
+    n_q_heads, group_size, window, qk_scale, softcap_log2, HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, DOT_IEEE: tl.constexpr, FIX_BF16_ROUNDING: tl.constexpr,
@@ -207,7 +211,7 @@ def _attention_forward_kernel(
     rows = m0 + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < seq_len
-    dim_ok = dims < head_dim
+    dim_ok = dims < HEAD_DIM
     q_tokens = (doc_start + rows).to(tl.int64)
     kv_head = (head // group_size).to(tl.int64)
     head64 = head.to(tl.int64)
@@ -221,13 +225,13 @@ def _attention_forward_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
 
     lo, a, b, hi = _key_ranges(m0, seq_len, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
-    common = (K_ptr, V_ptr, k_token_stride, v_token_stride, rows, dims, doc_start, seq_len, head_dim, window,
+    common = (K_ptr, V_ptr, k_token_stride, v_token_stride, rows, dims, doc_start, seq_len, window,
               qk_scale, softcap_log2)  # fmt: skip
-    acc, m_i, l_i = _forward_blocks(acc, m_i, l_i, q, *common, lo, a, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+    acc, m_i, l_i = _forward_blocks(acc, m_i, l_i, q, *common, lo, a, HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
                                     BLOCK_M, BLOCK_N, DOT_IN_FP32, DOT_IEEE, FIX_BF16_ROUNDING)  # fmt: skip
-    acc, m_i, l_i = _forward_blocks(acc, m_i, l_i, q, *common, a, b, False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+    acc, m_i, l_i = _forward_blocks(acc, m_i, l_i, q, *common, a, b, HEAD_DIM, False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
                                     BLOCK_M, BLOCK_N, DOT_IN_FP32, DOT_IEEE, FIX_BF16_ROUNDING)  # fmt: skip
-    acc, m_i, l_i = _forward_blocks(acc, m_i, l_i, q, *common, b, hi, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+    acc, m_i, l_i = _forward_blocks(acc, m_i, l_i, q, *common, b, hi, HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
                                     BLOCK_M, BLOCK_N, DOT_IN_FP32, DOT_IEEE, FIX_BF16_ROUNDING)  # fmt: skip
 
     # Every query of the document sees at least itself, so l_i > 0 on stored rows; the guard only keeps
@@ -248,15 +252,15 @@ def _attention_forward_kernel(
 
 @triton.jit
 def _attention_delta_kernel(
-    OUT_ptr, DOUT_ptr, DELTA_ptr, n_tokens, head_dim,
+    OUT_ptr, DOUT_ptr, DELTA_ptr, n_tokens,
     out_token_stride, out_head_stride, dout_token_stride, dout_head_stride, delta_head_stride,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """delta[h, t] = sum_d dO[t, h, d] * O[t, h, d] in fp32 (the softmax backward's row term)."""
     head = tl.program_id(1).to(tl.int64)
     tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     dims = tl.arange(0, BLOCK_D)
-    mask = (tokens < n_tokens)[:, None] & (dims < head_dim)[None, :]
+    mask = (tokens < n_tokens)[:, None] & (dims < HEAD_DIM)[None, :]
     out = tl.load(OUT_ptr + tokens[:, None] * out_token_stride + head * out_head_stride + dims[None, :],
                   mask=mask, other=0.0)  # fmt: skip
     dout = tl.load(DOUT_ptr + tokens[:, None] * dout_token_stride + head * dout_head_stride + dims[None, :],
@@ -268,14 +272,14 @@ def _attention_delta_kernel(
 @triton.jit
 def _grad_kv_blocks(
     dk, dv, k, v, Q_ptr, DOUT_ptr, LSE_ptr, DELTA_ptr, q_token_stride, dout_token_stride,
-    cols, dims, doc_start, seq_len, head_dim, window, qk_scale, softcap_log2, start, end,
+    cols, dims, doc_start, seq_len, window, qk_scale, softcap_log2, start, end, HEAD_DIM: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_IN_FP32: tl.constexpr, DOT_IEEE: tl.constexpr,
     FIX_BF16_ROUNDING: tl.constexpr,
 ):  # fmt: skip
     """Accumulate dV += P^T dO and dK += dS^T Q (dS without the final `scale`) over query blocks
     start, start + BLOCK_M, ... < end of one q head. Works on transposed [keys, queries] tiles."""
-    dim_ok = dims < head_dim
+    dim_ok = dims < HEAD_DIM
     for m0 in range(start, end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < seq_len
@@ -310,7 +314,7 @@ def _attention_grad_kv_kernel(
     q_token_stride, q_head_stride, k_token_stride, k_head_stride, v_token_stride, v_head_stride,
     dout_token_stride, dout_head_stride, dk_token_stride, dk_head_stride, dv_token_stride, dv_head_stride,
     lse_head_stride,
-    n_kv_heads, group_size, head_dim, window, qk_scale, softcap_log2, grad_scale,
+    n_kv_heads, group_size, window, qk_scale, softcap_log2, grad_scale, HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, DOT_IEEE: tl.constexpr, FIX_BF16_ROUNDING: tl.constexpr,
@@ -326,7 +330,7 @@ def _attention_grad_kv_kernel(
     cols = n0 + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     col_ok = cols < seq_len
-    dim_ok = dims < head_dim
+    dim_ok = dims < HEAD_DIM
     k_tokens = (doc_start + cols).to(tl.int64)
     kv_head64 = kv_head.to(tl.int64)
     tile_mask = col_ok[:, None] & dim_ok[None, :]
@@ -345,12 +349,12 @@ def _attention_grad_kv_kernel(
         lse_head_ptr = LSE_ptr + head * lse_head_stride
         delta_head_ptr = DELTA_ptr + head * lse_head_stride
         common = (q_head_ptr, dout_head_ptr, lse_head_ptr, delta_head_ptr, q_token_stride, dout_token_stride,
-                  cols, dims, doc_start, seq_len, head_dim, window, qk_scale, softcap_log2)  # fmt: skip
-        dk, dv = _grad_kv_blocks(dk, dv, k, v, *common, lo, a, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+                  cols, dims, doc_start, seq_len, window, qk_scale, softcap_log2)  # fmt: skip
+        dk, dv = _grad_kv_blocks(dk, dv, k, v, *common, lo, a, HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
                                  BLOCK_M, BLOCK_N, DOT_IN_FP32, DOT_IEEE, FIX_BF16_ROUNDING)  # fmt: skip
-        dk, dv = _grad_kv_blocks(dk, dv, k, v, *common, a, b, False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+        dk, dv = _grad_kv_blocks(dk, dv, k, v, *common, a, b, HEAD_DIM, False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
                                  BLOCK_M, BLOCK_N, DOT_IN_FP32, DOT_IEEE, FIX_BF16_ROUNDING)  # fmt: skip
-        dk, dv = _grad_kv_blocks(dk, dv, k, v, *common, b, hi, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+        dk, dv = _grad_kv_blocks(dk, dv, k, v, *common, b, hi, HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
                                  BLOCK_M, BLOCK_N, DOT_IN_FP32, DOT_IEEE, FIX_BF16_ROUNDING)  # fmt: skip
 
     dk_ptrs = DK_ptr + k_tokens[:, None] * dk_token_stride + kv_head64 * dk_head_stride + dims[None, :]
@@ -362,13 +366,13 @@ def _attention_grad_kv_kernel(
 @triton.jit
 def _grad_q_blocks(
     dq, q, dout, lse2, delta, K_ptr, V_ptr, k_token_stride, v_token_stride,
-    rows, dims, doc_start, seq_len, head_dim, window, qk_scale, softcap_log2, start, end,
+    rows, dims, doc_start, seq_len, window, qk_scale, softcap_log2, start, end, HEAD_DIM: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_IN_FP32: tl.constexpr, DOT_IEEE: tl.constexpr,
     FIX_BF16_ROUNDING: tl.constexpr,
 ):  # fmt: skip
     """Accumulate dQ += dS K (without the final `scale`) over key blocks start, start + BLOCK_N, ... < end."""
-    dim_ok = dims < head_dim
+    dim_ok = dims < HEAD_DIM
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         tokens = (doc_start + cols).to(tl.int64)
@@ -394,7 +398,7 @@ def _attention_grad_q_kernel(
     Q_ptr, K_ptr, V_ptr, DOUT_ptr, LSE_ptr, DELTA_ptr, DQ_ptr, CU_SEQLENS_ptr, BLOCK_DOC_ptr, BLOCK_CUM_ptr,
     q_token_stride, q_head_stride, k_token_stride, k_head_stride, v_token_stride, v_head_stride,
     dout_token_stride, dout_head_stride, dq_token_stride, dq_head_stride, lse_head_stride,
-    n_q_heads, group_size, head_dim, window, qk_scale, softcap_log2, grad_scale,
+    n_q_heads, group_size, window, qk_scale, softcap_log2, HEAD_DIM: tl.constexpr, grad_scale,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, DOT_IEEE: tl.constexpr, FIX_BF16_ROUNDING: tl.constexpr,
@@ -408,7 +412,7 @@ def _attention_grad_q_kernel(
     rows = m0 + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < seq_len
-    tile_mask = row_ok[:, None] & (dims < head_dim)[None, :]
+    tile_mask = row_ok[:, None] & (dims < HEAD_DIM)[None, :]
     q_tokens = (doc_start + rows).to(tl.int64)
     head64 = head.to(tl.int64)
     kv_head = (head // group_size).to(tl.int64)
@@ -422,12 +426,12 @@ def _attention_grad_q_kernel(
 
     lo, a, b, hi = _key_ranges(m0, seq_len, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
     common = (K_ptr + kv_head * k_head_stride, V_ptr + kv_head * v_head_stride, k_token_stride, v_token_stride,
-              rows, dims, doc_start, seq_len, head_dim, window, qk_scale, softcap_log2)  # fmt: skip
-    dq = _grad_q_blocks(dq, q, dout, lse2, delta, *common, lo, a, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+              rows, dims, doc_start, seq_len, window, qk_scale, softcap_log2)  # fmt: skip
+    dq = _grad_q_blocks(dq, q, dout, lse2, delta, *common, lo, a, HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
                         BLOCK_M, BLOCK_N, DOT_IN_FP32, DOT_IEEE, FIX_BF16_ROUNDING)  # fmt: skip
-    dq = _grad_q_blocks(dq, q, dout, lse2, delta, *common, a, b, False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+    dq = _grad_q_blocks(dq, q, dout, lse2, delta, *common, a, b, HEAD_DIM, False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
                         BLOCK_M, BLOCK_N, DOT_IN_FP32, DOT_IEEE, FIX_BF16_ROUNDING)  # fmt: skip
-    dq = _grad_q_blocks(dq, q, dout, lse2, delta, *common, b, hi, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+    dq = _grad_q_blocks(dq, q, dout, lse2, delta, *common, b, hi, HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
                         BLOCK_M, BLOCK_N, DOT_IN_FP32, DOT_IEEE, FIX_BF16_ROUNDING)  # fmt: skip
     dq_ptrs = DQ_ptr + q_tokens[:, None] * dq_token_stride + head64 * dq_head_stride + dims[None, :]
     tl.store(dq_ptrs, cast_rounded(dq * grad_scale, DQ_ptr.dtype.element_ty, FIX_BF16_ROUNDING), mask=tile_mask)
@@ -437,9 +441,11 @@ def _attention_grad_q_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------------------------
 
-# Block sizes and launch shapes per pass (untuned first guesses after the FlashAttention-2 Triton tutorial;
-# issue #8 tunes them on the GPU). "fwd"/"grad_q": BLOCK_M queries resident, BLOCK_N keys streamed.
-# "grad_kv": BLOCK_N keys resident, BLOCK_M queries streamed.
+# Block sizes and launch shapes per pass: first guesses after the FlashAttention-2 Triton tutorial, checked
+# offline only (ptxas -v for sm_80/sm_90: the K/V loads are software-pipelined with cp.async; register
+# spills only in the dK/dV pass, ~20 B at D=128 and ~440 B at D=256); issue #8 tunes them on the GPU.
+# "fwd"/"grad_q": BLOCK_M queries resident, BLOCK_N keys streamed. "grad_kv": BLOCK_N keys resident,
+# BLOCK_M queries streamed.
 _GPU_CONFIGS = {
     # head dims up to 64
     64: {
@@ -456,8 +462,10 @@ _GPU_CONFIGS = {
     # 129..256
     256: {
         "fwd": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
-        "grad_kv": dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1),
-        "grad_q": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1),
+        # BLOCK_N=64 keeps dK/dV on Hopper's wgmma (it needs 64 accumulator rows; BLOCK_N=32 falls back
+        # to mma.sync) at the cost of ~440 B of register spills (ptxas -v, sm_90a); #8 measures the trade.
+        "grad_kv": dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
+        "grad_q": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
     },
     # fp32 rows take twice the bytes of 16-bit ones, so fp32 uses the class of twice its head dim; fp32
     # with head dims 129..256 lands here (the 16-bit tiles of this size overflow an A100's shared memory).
@@ -546,7 +554,7 @@ def attention_forward(q, k, v, cu_seqlens, max_seqlen, *, causal, scale, window,
         q, k, v, out, lse, cu_seqlens, block_doc, block_cum,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
-        n_q_heads, n_q_heads // k.shape[1], head_dim, **scalars, **flags,
+        n_q_heads, n_q_heads // k.shape[1], **scalars, **flags, HEAD_DIM=head_dim,
         BLOCK_M=block_m, BLOCK_D=padded_head_dim(head_dim), **dot_config(q.dtype),
         FIX_BF16_ROUNDING=interpreting(), **config,
     )  # fmt: skip
@@ -564,12 +572,12 @@ def attention_backward(
     delta = torch.empty_like(lse)
     delta_block = 64 if not interpreting() else 16
     _attention_delta_kernel[(triton.cdiv(n_tokens, delta_block), n_q_heads)](
-        out, grad_out, delta, n_tokens, head_dim,
+        out, grad_out, delta, n_tokens,
         out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1), delta.stride(0),
-        BLOCK_T=delta_block, BLOCK_D=block_d,
+        HEAD_DIM=head_dim, BLOCK_T=delta_block, BLOCK_D=block_d,
     )  # fmt: skip
     scalars, flags = _masks(causal, window, softcap, scale, n_tokens)
-    common = dict(**scalars, **flags, grad_scale=scale, BLOCK_D=block_d, **dot_config(q.dtype),
+    common = dict(**scalars, **flags, grad_scale=scale, HEAD_DIM=head_dim, BLOCK_D=block_d, **dot_config(q.dtype),
                   FIX_BF16_ROUNDING=interpreting())  # fmt: skip
     assert lse.stride() == delta.stride()
 
@@ -579,7 +587,7 @@ def attention_backward(
         q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, block_doc, block_cum,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         grad_out.stride(0), grad_out.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        lse.stride(0), n_kv_heads, n_q_heads // n_kv_heads, head_dim, **common, **config,
+        lse.stride(0), n_kv_heads, n_q_heads // n_kv_heads, **common, **config,
     )  # fmt: skip
 
     config = launch_config(head_dim, "grad_q", max_seqlen, q.dtype)
@@ -588,5 +596,5 @@ def attention_backward(
         q, k, v, grad_out, lse, delta, dq, cu_seqlens, block_doc, block_cum,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         grad_out.stride(0), grad_out.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
-        n_q_heads, n_q_heads // n_kv_heads, head_dim, **common, **config,
+        n_q_heads, n_q_heads // n_kv_heads, **common, **config,
     )  # fmt: skip

@@ -44,6 +44,17 @@ def signature(kernel, pointer_types: dict, default_pointer: str) -> dict:
     return sig
 
 
+def alignment(kernel) -> dict:
+    """What a real launch tells the compiler: torch's allocations are 16-byte aligned and the strides of
+    [T, H, D] tensors with D in (64, 80, 96, 128, 256) are multiples of 16, so Triton specialises every
+    pointer and stride as divisible by 16 (vectorised loads and cp.async depend on it)."""
+    return {
+        (index,): [["tt.divisibility", 16]]
+        for index, param in enumerate(kernel.params)
+        if not param.is_constexpr and param.name.endswith(("_ptr", "_stride"))
+    }
+
+
 def cases(dtype: str):
     dots = {"DOT_IN_FP32": False, "DOT_IEEE": dtype == "fp32", "FIX_BF16_ROUNDING": False}
     index = {"LABELS_ptr": "i64", "ROW_IDS_ptr": "i64", "NUM_ROWS_ptr": "i32"}
@@ -133,10 +144,11 @@ def attention_cases(dtype: str):
         for pass_name, kernel in kernels.items():
             config = attn.launch_config(head_dim, pass_name, 8192, getattr(torch, TORCH_DTYPES[dtype]))
             launch = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
-            constexprs = dict(config, **flags, **dots, BLOCK_D=attn.padded_head_dim(head_dim))
+            constexprs = dict(config, **flags, **dots, HEAD_DIM=head_dim, BLOCK_D=attn.padded_head_dim(head_dim))
             yield kernel, index, constexprs, launch
     if dtype == "bf16":
-        yield attn._attention_delta_kernel, {"DELTA_ptr": "fp32"}, {"BLOCK_T": 64, "BLOCK_D": 128}, {"num_warps": 4}
+        delta_constexprs = {"HEAD_DIM": 128, "BLOCK_T": 64, "BLOCK_D": 128}
+        yield attn._attention_delta_kernel, {"DELTA_ptr": "fp32"}, delta_constexprs, {"num_warps": 4}
 
 
 def main() -> int:
@@ -146,10 +158,12 @@ def main() -> int:
             for kernel, pointers, constexprs, options in cases(dtype):
                 record = {"kernel": kernel.__name__, "arch": arch, "dtype": dtype, "constexprs": constexprs}
                 try:
-                    src = ASTSource(kernel, signature(kernel, pointers, dtype), constexprs=constexprs)
+                    src = ASTSource(kernel, signature(kernel, pointers, dtype), constexprs=constexprs,
+                                    attrs=alignment(kernel))  # fmt: skip
                     compiled = compile(src, target=GPUTarget("cuda", arch, 32), options=options)
                     ptx = compiled.asm["ptx"]
-                    record.update(ok=True, wgmma="wgmma" in ptx, mma_sync="mma.sync" in ptx)
+                    record.update(ok=True, wgmma="wgmma" in ptx, mma_sync="mma.sync" in ptx, cp_async="cp.async" in ptx)
+                    record.update(num_stages=options.get("num_stages", 3))
                     record.update(shared_bytes=compiled.metadata.shared, cubin_bytes=len(compiled.asm["cubin"]))
                 except Exception as exc:  # report every failure, not just the first
                     failures += 1

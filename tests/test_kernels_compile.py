@@ -63,3 +63,6 @@ def test_attention_kernels_use_tensor_cores_and_fit_shared_memory(compile_record
         assert r["shared_bytes"] <= SHARED_LIMIT[r["arch"]], f"{where}: {r['shared_bytes']} B of shared memory"
         if r["dtype"] != "fp32":
             assert r["wgmma"] if r["arch"] == 90 else r["mma_sync"], f"{where} does not use tensor cores"
+        if r["num_stages"] > 1:
+            # Multi-stage configs must actually get their K/V (or q/dO) loads software-pipelined.
+            assert r["cp_async"], f"{where}: num_stages={r['num_stages']} but no cp.async (loads not pipelined)"
