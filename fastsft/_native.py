@@ -10,7 +10,7 @@ import importlib
 from types import ModuleType
 
 # Must match kAbiVersion in csrc/fastsft_C.cpp.
-EXPECTED_ABI_VERSION = 1
+EXPECTED_ABI_VERSION = 2
 
 _module: ModuleType | None = None
 _load_error: str | None = None
