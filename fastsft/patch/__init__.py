@@ -12,21 +12,29 @@ import sys
 import types
 
 
-def patch(model, *, rms_norm=True, rope=True, swiglu=True, attention=True, cross_entropy=True):
-    """Swap fastsft's kernels into a Hugging Face causal LM in place and return it.
+def patch(model, *, rms_norm=True, rope=True, swiglu=True, attention=True, cross_entropy=True, keep_logits=False):
+    """Swap fastsft's kernels into a Hugging Face causal LM, in place and for this instance only; returns it.
 
-    Not built yet: the patcher arrives with the `fastsft.patch(model)` issue (#6). Until then the ops are
-    usable directly from `fastsft.ops`, and the drop-in modules from `fastsft.patch.modules`.
+    Same loss and gradients as the unpatched model, faster and leaner. Each option can be turned off:
+    rms_norm (every RMSNorm), rope, swiglu (the gated MLP, SwiGLU or GeGLU), attention (packed-sequence
+    varlen attention, registered as transformers attention "fastsft"), cross_entropy (the loss from the
+    hidden states with fused linear cross-entropy; `logits` is then None when labels are passed, unless
+    keep_logits=True). `model.fastsft_report` says what was swapped and what was not, and why.
+
+    Supported families: llama, mistral, qwen2, qwen3, gemma2, gemma3 (text). Other decoder-only causal LMs
+    get attention and the loss, with a warning. Undo with `fastsft.unpatch(model)`.
     """
-    raise NotImplementedError(
-        "fastsft.patch(model) arrives with the patching issue (#6); use fastsft.ops (fused_linear_cross_entropy, "
-        "rms_norm, apply_rope, swiglu) and fastsft.patch.modules directly meanwhile"
-    )
+    from .patcher import patch_model
+
+    return patch_model(model, rms_norm=rms_norm, rope=rope, swiglu=swiglu, attention=attention,
+                       cross_entropy=cross_entropy, keep_logits=keep_logits)  # fmt: skip
 
 
 def unpatch(model):
-    """Restore a model patched by `fastsft.patch` to its exact original behaviour (arrives with issue #6)."""
-    raise NotImplementedError("fastsft.unpatch(model) arrives with the patching issue (#6)")
+    """Restore a model patched by `fastsft.patch` to its exact original modules, forwards and config."""
+    from .patcher import unpatch_model
+
+    return unpatch_model(model)
 
 
 class _CallableModule(types.ModuleType):

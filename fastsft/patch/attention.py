@@ -1,0 +1,284 @@
+"""Packed-sequence attention for patched Hugging Face models.
+
+Three pieces:
+
+* `VarlenPlan` and `plan_varlen`: where the documents of a forward pass start and end. Computed ONCE per
+  forward by the patched decoder's forward (fastsft batches pass `cu_seq_lens_q`; DataCollatorWithFlattening
+  passes `cu_seq_lens_q` / `max_length_q`; HF-style packing passes `position_ids` restarting at 0 per document;
+  padded batches pass an `attention_mask` with zeros) and handed to every layer through the forward's
+  kwargs, so no layer recomputes it or syncs with the host.
+* `attention_forward`: the attention module's forward for the families in `families.FAMILIES`: projections
+  (+ per-head q/k RMSNorm), RoPE and varlen attention on [tokens, heads, head_dim] rows, never transposed
+  to [B, H, S, D] and never padded.
+* `fastsft_attention`: the same kernel behind transformers' `AttentionInterface` under the name "fastsft",
+  for models outside the family table (their own forward, our attention).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from fastsft.ops import apply_rope, varlen_attention
+
+from .families import attention_softcap, sliding_window
+
+ATTENTION_NAME = "fastsft"
+PLAN_KWARG = "fastsft_varlen_plan"
+
+
+@dataclass
+class VarlenPlan:
+    """Documents of one forward pass, over the flattened [B * S] token rows.
+
+    cu_seqlens: int32 [N + 1], document boundaries over the kept rows (varlen_attention's cu_seqlens).
+    max_seqlen: the longest document (a host int: the kernel's launch grid needs it).
+    keep: int64 [T] indices of the rows that are real tokens when the batch is padded, else None (all rows).
+    rows: B * S.
+    """
+
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    keep: torch.Tensor | None
+    rows: int
+
+
+def plan_varlen(
+    batch: int,
+    seq_len: int,
+    device: torch.device,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    max_length_q: int | torch.Tensor | None = None,
+) -> VarlenPlan:
+    """Document boundaries from whichever form the caller used (see the module docstring).
+
+    Host syncs: none for plain [B, S] batches and for explicit cu_seqlens with a max length; one for
+    position_ids packing or a padding mask (finding the boundaries), once per forward pass.
+    """
+    rows = batch * seq_len
+    if cu_seq_lens_q is not None:
+        cu = cu_seq_lens_q.to(device=device, dtype=torch.int32)
+        if batch != 1:
+            raise ValueError(f"cu_seq_lens_q describes one packed row, but the batch has {batch} rows")
+        if max_length_q is None:
+            max_length_q = (cu[1:] - cu[:-1]).max()
+        return VarlenPlan(cu, int(max_length_q), None, rows)
+    if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+        real = attention_mask.to(device=device, dtype=torch.bool)
+        lengths = real.sum(dim=1, dtype=torch.int32)
+        cu = torch.zeros(batch + 1, dtype=torch.int32, device=device)
+        torch.cumsum(lengths, 0, out=cu[1:])
+        keep = real.reshape(-1).nonzero().squeeze(1)
+        return VarlenPlan(cu, int(lengths.max()), keep, rows)
+    if position_ids is not None:
+        positions = position_ids.to(device).expand(batch, -1).reshape(batch, seq_len)
+        starts = torch.ones_like(positions, dtype=torch.bool)
+        starts[:, 1:] = (positions[:, 1:] - positions[:, :-1]) != 1  # HF's rule: a position that does not step by 1
+        if bool(starts[:, 1:].any()):
+            first = starts.reshape(-1).nonzero().squeeze(1).to(torch.int32)
+            cu = torch.cat([first, torch.tensor([rows], dtype=torch.int32, device=device)])
+            return VarlenPlan(cu, int((cu[1:] - cu[:-1]).max()), None, rows)
+    cu = torch.arange(0, rows + 1, seq_len, dtype=torch.int32, device=device)
+    return VarlenPlan(cu, seq_len, None, rows)
+
+
+def _gather(rows: torch.Tensor, plan: VarlenPlan) -> torch.Tensor:
+    return rows if plan.keep is None else rows.index_select(0, plan.keep)
+
+
+def _scatter(out: torch.Tensor, plan: VarlenPlan) -> torch.Tensor:
+    """Back to all B * S rows; padding rows get zeros (they carry no loss and feed no real token)."""
+    if plan.keep is None:
+        return out
+    full = out.new_zeros((plan.rows, *out.shape[1:]))
+    return full.index_copy(0, plan.keep, out)
+
+
+def hf_rope_function(attention_module):
+    """The `apply_rotary_pos_emb` the module's own modeling file uses (for rope=False patches)."""
+    return sys.modules[type(attention_module).__module__].apply_rotary_pos_emb
+
+
+def attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
+    """Forward of a patched attention module (bound per instance; `self._fastsft` holds its settings).
+
+    hidden_states [B, S, H] -> ([B, S, H], None). Generation with a KV cache, or a call without a plan, goes
+    to the module's original forward (which then uses the "fastsft" attention interface)."""
+    state = self._fastsft
+    plan = kwargs.get(PLAN_KWARG)
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is not None or position_embeddings is None or (state.attention and plan is None):
+        return state.original_forward(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+
+    batch, seq_len = hidden_states.shape[:2]
+    rows = batch * seq_len
+    head_dim = self.head_dim
+    q = self.q_proj(hidden_states).view(rows, -1, head_dim)
+    k = self.k_proj(hidden_states).view(rows, -1, head_dim)
+    v = self.v_proj(hidden_states).view(rows, -1, head_dim)
+    if state.family.qk_norm:
+        q, k = self.q_norm(q), self.k_norm(k)
+    cos, sin = position_embeddings
+    if state.rope:
+        # cos/sin are [B or 1, S, D]: one row per token after broadcasting over the batch.
+        cos = cos.expand(batch, seq_len, -1).reshape(rows, -1)
+        sin = sin.expand(batch, seq_len, -1).reshape(rows, -1)
+        q, k = apply_rope(q, k, cos, sin)
+    else:
+        as_bhsd = lambda t: t.view(batch, seq_len, -1, head_dim).transpose(1, 2)
+        q, k = hf_rope_function(self)(as_bhsd(q), as_bhsd(k), cos, sin)
+        q, k = q.transpose(1, 2).reshape(rows, -1, head_dim), k.transpose(1, 2).reshape(rows, -1, head_dim)
+
+    if not state.attention:  # rope (and q/k norms) patched, attention left to the model's own implementation
+        return _hf_attention(self, state, q, k, v, batch, seq_len, attention_mask, kwargs)
+    out = varlen_attention(
+        _gather(q, plan),
+        _gather(k, plan),
+        _gather(v, plan),
+        plan.cu_seqlens,
+        plan.max_seqlen,
+        causal=bool(getattr(self, "is_causal", True)),
+        softmax_scale=self.scaling,
+        window=sliding_window(state.family, self),
+        softcap=attention_softcap(state.family, self),
+    )
+    out = _scatter(out, plan).reshape(batch, seq_len, -1)
+    return self.o_proj(out), None
+
+
+def _hf_attention(self, state, q, k, v, batch, seq_len, attention_mask, kwargs):
+    """The model's configured attention implementation, called the way HF's own forward calls it."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    as_bhsd = lambda t: t.view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, state.eager_attention)
+    options = {"sliding_window": sliding_window(state.family, self)} if state.family.window else {}
+    if state.family.attention_softcap:
+        options["softcap"] = attention_softcap(state.family, self)
+    kwargs = {k: v for k, v in kwargs.items() if k != PLAN_KWARG}
+    out, _ = interface(
+        self,
+        as_bhsd(q),
+        as_bhsd(k),
+        as_bhsd(v),
+        attention_mask,
+        dropout=0.0 if not self.training else self.attention_dropout,
+        scaling=self.scaling,
+        **options,
+        **kwargs,
+    )
+    return self.o_proj(out.reshape(batch, seq_len, -1).contiguous()), None
+
+
+def fastsft_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, softcap=None, **kwargs
+):
+    """transformers AttentionInterface function "fastsft": query [B, Hq, S, D], key/value [B, Hk, S_kv, D]
+    (GQA not repeated) -> (out [B, S, Hq, D], None).
+
+    Uses the forward's VarlenPlan when the patched decoder passed one, else derives one from the kwargs
+    (cu_seq_lens_q / position_ids) or the 2-D padding mask. Cached generation (S != S_kv) runs a plain
+    masked softmax in PyTorch: correct, not fast (fastsft accelerates training)."""
+    if dropout:
+        raise NotImplementedError("fastsft attention has no dropout; set config.attention_dropout = 0")
+    batch, _, seq_len, head_dim = query.shape
+    if key.shape[2] != seq_len:
+        return _cached_attention(query, key, value, attention_mask, scaling, sliding_window, softcap, module), None
+    plan = kwargs.get(PLAN_KWARG)
+    if plan is None:
+        plan = plan_varlen(
+            batch,
+            seq_len,
+            query.device,
+            attention_mask=attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None,
+            position_ids=kwargs.get("position_ids"),
+            cu_seq_lens_q=kwargs.get("cu_seq_lens_q"),
+            max_length_q=kwargs.get("max_length_q"),
+        )
+    rows = lambda t: _gather(t.transpose(1, 2).reshape(batch * seq_len, t.shape[1], head_dim), plan)
+    out = varlen_attention(
+        rows(query),
+        rows(key),
+        rows(value),
+        plan.cu_seqlens,
+        plan.max_seqlen,
+        causal=bool(getattr(module, "is_causal", True)),
+        softmax_scale=scaling,
+        window=int(sliding_window) if sliding_window else None,
+        softcap=float(softcap) if softcap else None,
+    )
+    return _scatter(out, plan).view(batch, seq_len, -1, head_dim), None
+
+
+def _cached_attention(query, key, value, attention_mask, scaling, window, softcap, module):
+    """Plain attention for cached decoding: queries are the last S of S_kv positions."""
+    batch, num_heads, seq_len, head_dim = query.shape
+    kv_len = key.shape[2]
+    groups = num_heads // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query.float(), key.float().transpose(2, 3)) * (scaling or head_dim**-0.5)
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    q_pos = torch.arange(kv_len - seq_len, kv_len, device=query.device)[:, None]
+    k_pos = torch.arange(kv_len, device=query.device)[None, :]
+    allowed = k_pos <= q_pos if getattr(module, "is_causal", True) else torch.ones_like(k_pos, dtype=torch.bool)
+    if window:
+        allowed = allowed & (k_pos > q_pos - window)
+    allowed = allowed[None, None]
+    if attention_mask is not None and attention_mask.dim() == 2:
+        allowed = allowed & attention_mask[:, None, None, -kv_len:].to(torch.bool)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(value.dtype)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous()
+
+
+def register_attention() -> None:
+    """Register "fastsft" with transformers' attention and mask interfaces (idempotent). The mask function is
+    the FlashAttention one: None when nothing is padded, else the 2-D padding mask (no [S, S] masks)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(ATTENTION_NAME, fastsft_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, flash_attention_mask)
+
+
+@dataclass
+class DecoderState:
+    original_forward: object
+    signature: object
+
+
+def decoder_forward(self, *args, **kwargs):
+    """Forward of the patched base decoder: work out the documents once, then run the model's own forward
+    with the plan in its kwargs (HF passes them down to every attention module).
+
+    A training forward without a cache also gets use_cache=False: a cache built during training would send
+    every layer to the slow cached path (and HF only packs by position_ids without a cache)."""
+    state = self._fastsft_decoder
+    arguments = state.signature.bind_partial(*args, **kwargs).arguments
+    extra = arguments.get("kwargs", {})
+    has_cache = any(arguments.get(name) is not None for name in ("cache", "past_key_values"))
+    if has_cache:
+        return state.original_forward(*args, **kwargs)
+    if self.training and "use_cache" in state.signature.parameters and "use_cache" not in arguments:
+        kwargs["use_cache"] = False
+    tokens = arguments.get("input_ids")
+    if tokens is None:
+        tokens = arguments.get("inputs_embeds")
+    if tokens is None or tokens.dim() < 2:
+        return state.original_forward(*args, **kwargs)
+    kwargs[PLAN_KWARG] = plan_varlen(
+        tokens.shape[0],
+        tokens.shape[1],
+        tokens.device,
+        attention_mask=arguments.get("attention_mask"),
+        position_ids=arguments.get("position_ids"),
+        cu_seq_lens_q=extra.get("cu_seq_lens_q"),
+        max_length_q=extra.get("max_length_q"),
+    )
+    return state.original_forward(*args, **kwargs)
