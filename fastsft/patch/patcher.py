@@ -100,6 +100,11 @@ STATE_ATTRIBUTE = "_fastsft_patch"
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:
+    """The HF causal LM to patch: the model itself, or the one inside a PEFT wrapper (LoRA layers stay in
+    place: the patched forwards call the same q_proj / gate_proj / ... modules)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    if callable(get_base_model) and type(model).__module__.startswith("peft."):
+        model = get_base_model()
     config = getattr(model, "config", None)
     if config is None or not callable(getattr(model, "get_output_embeddings", None)):
         raise TypeError(
@@ -134,7 +139,7 @@ def _is_attention(module: nn.Module) -> bool:
 
 def patch_model(model, *, rms_norm=True, rope=True, swiglu=True, attention=True, cross_entropy=True,
                 keep_logits=False):  # fmt: skip
-    model = _causal_lm(model)
+    wrapper, model = model, _causal_lm(model)
     if STATE_ATTRIBUTE in model.__dict__:
         raise RuntimeError("this model is already patched by fastsft; call fastsft.unpatch(model) first")
     model_type, family = family_of(model.config)
@@ -148,7 +153,9 @@ def patch_model(model, *, rms_norm=True, rope=True, swiglu=True, attention=True,
         raise
     model.__dict__[STATE_ATTRIBUTE] = undo
     model.__dict__["fastsft_report"] = report
-    return model
+    if wrapper is not model:
+        wrapper.__dict__["fastsft_report"] = report
+    return wrapper
 
 
 def _patch(model, family: Family | None, report: PatchReport, undo: _Undo, options: dict, keep_logits: bool):
@@ -243,9 +250,11 @@ def _swap_attention_forwards(model, family: Family, rope: bool, attention: bool,
 
 
 def unpatch_model(model):
+    wrapper, model = model, _causal_lm(model)
+    wrapper.__dict__.pop("fastsft_report", None)
     undo = model.__dict__.pop(STATE_ATTRIBUTE, None)
     if undo is None:
         raise ValueError("this model was not patched by fastsft (nothing to undo)")
     undo.undo()
     model.__dict__.pop("fastsft_report", None)
-    return model
+    return wrapper

@@ -1,0 +1,180 @@
+"""fastsft.patch(model) inside the tools users train with: HF Trainer, TRL's SFTTrainer, PEFT LoRA, gradient
+checkpointing, torch.compile, bf16, and the Triton kernels (through the interpreter on CPU)."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from conftest import assert_within_torch_error
+from test_patch import COMMON, VOCAB, assert_same_grads, make, packed_batch, twins
+
+import fastsft
+
+
+def _rows(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        length = 6 + (i * 7) % 15
+        ids = torch.randint(3, VOCAB, (length,), generator=g).tolist()
+        labels = [-100] * (length // 3) + ids[length // 3 :]
+        rows.append({"input_ids": ids, "labels": labels})
+    return rows
+
+
+def _train_with_trainer(model, tmp_path, collator):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+        learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0,
+        data_seed=0, dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(_rows(32)), data_collator=collator)
+    trainer.train()
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_hf_trainer_with_flattening_collator_tracks_the_unpatched_run(tmp_path):
+    """HF Trainer + DataCollatorWithFlattening (packed rows, cu_seq_lens kwargs, num_items_in_batch with
+    gradient accumulation): the patched model's logged losses equal the unpatched model's."""
+    from transformers import DataCollatorWithFlattening
+
+    torch.manual_seed(0)
+    ref = make("llama")
+    patched = fastsft.patch(copy.deepcopy(ref))
+    collator = DataCollatorWithFlattening(return_flash_attn_kwargs=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        losses_ref = _train_with_trainer(ref, tmp_path / "ref", DataCollatorWithFlattening())
+        losses = _train_with_trainer(patched, tmp_path / "patched", collator)
+    assert len(losses) == 4
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(losses_ref), rtol=1e-4, atol=1e-4)
+
+
+def test_trl_sft_trainer_runs_the_patched_model(tmp_path):
+    """TRL's own data path (prompt/completion text, its tokenization, padding-free packing) into the patched
+    model: the completion-only loss it logs equals the unpatched model's."""
+    from _chat_tokenizers import make_tokenizer
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = make_tokenizer("chatml")
+    tokenizer.pad_token = "<|endoftext|>"
+    torch.manual_seed(0)
+    ref = make("qwen3", vocab_size=len(tokenizer))
+    patched = fastsft.patch(copy.deepcopy(ref))
+    pairs = [("What is the capital of France?", " The capital of France is Paris."), ("hello", " world, thanks!")]
+    data = Dataset.from_list([{"prompt": p * (1 + i % 3), "completion": c} for i in range(12) for p, c in pairs])
+
+    def run(model, out):
+        config = SFTConfig(
+            output_dir=str(out), max_steps=3, per_device_train_batch_size=4, padding_free=True, report_to=[],
+            save_strategy="no", use_cpu=True, logging_steps=1, learning_rate=1e-3, disable_tqdm=True, seed=0,
+            data_seed=0, max_length=None,
+        )  # fmt: skip
+        trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
+        trainer.train()
+        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        losses_ref, losses = run(ref, tmp_path / "ref"), run(patched, tmp_path / "patched")
+    assert len(losses) == 3
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(losses_ref), rtol=1e-4, atol=1e-4)
+
+
+def test_peft_lora_model_matches_unpatched():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = make("mistral")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"], lora_dropout=0.0)
+    ref = get_peft_model(base, lora)
+    with torch.no_grad():  # LoRA's B starts at zero: make the adapters matter
+        for name, p in ref.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    patched = copy.deepcopy(ref)
+    assert fastsft.patch(patched) is patched and patched.fastsft_report.patched["attention"] == 3
+    ids, position_ids, labels = packed_batch()
+    out_ref = ref(input_ids=ids, position_ids=position_ids, labels=labels, use_cache=False)
+    out = patched(input_ids=ids, position_ids=position_ids, labels=labels)
+    torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-5, atol=1e-6)
+    out_ref.loss.backward()
+    out.loss.backward()
+    assert_same_grads(ref, patched)
+    assert sum(1 for name, p in patched.named_parameters() if p.grad is not None) == sum(
+        1 for name, _ in patched.named_parameters() if "lora_" in name
+    )
+
+
+def test_gradient_checkpointing():
+    ref, patched = twins("gemma2")
+    for model in (ref, patched):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+    ids, position_ids, labels = packed_batch()
+    out_ref = ref(input_ids=ids, position_ids=position_ids, labels=labels, use_cache=False)
+    out = patched(input_ids=ids, position_ids=position_ids, labels=labels)
+    out_ref.loss.backward()
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-5, atol=1e-6)
+    assert_same_grads(ref, patched)
+
+
+def test_torch_compile():
+    ref, patched = twins("qwen2")
+    compiled = torch.compile(patched, backend="aot_eager")
+    ids, position_ids, labels = packed_batch()
+    out_ref = ref(input_ids=ids, position_ids=position_ids, labels=labels, use_cache=False)
+    out = compiled(input_ids=ids, position_ids=position_ids, labels=labels)
+    out_ref.loss.backward()
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-5, atol=1e-6)
+    assert_same_grads(ref, patched)
+
+
+def test_bf16_error_within_twice_hf_bf16_error():
+    torch.manual_seed(0)
+    exact = make("llama").double()
+    hf_bf16 = copy.deepcopy(exact).to(torch.bfloat16)
+    patched = fastsft.patch(copy.deepcopy(exact).to(torch.bfloat16))
+    ids, position_ids, labels = packed_batch()
+    losses = {}
+    for name, model in (("exact", exact), ("hf", hf_bf16), ("patched", patched)):
+        loss = model(input_ids=ids, position_ids=position_ids, labels=labels, use_cache=False).loss
+        loss.backward()
+        losses[name] = loss.detach()
+    assert_within_torch_error("loss", losses["patched"], losses["hf"], losses["exact"])
+    exact_grads = dict(exact.named_parameters())
+    hf_grads = dict(hf_bf16.named_parameters())
+    for name, p in patched.named_parameters():
+        assert_within_torch_error(name, p.grad, hf_grads[name].grad, exact_grads[name].grad)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_triton_kernels_through_the_interpreter(family, triton_backend):
+    """The same parity with every op on its Triton kernel (interpreted on CPU, compiled on a GPU)."""
+    ref, patched = twins(family)
+    ids, position_ids, labels = packed_batch(lengths=[9, 1, 14, 6])
+    out_ref = ref(input_ids=ids, position_ids=position_ids, labels=labels, use_cache=False)
+    out = patched(input_ids=ids, position_ids=position_ids, labels=labels)
+    torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-5, atol=1e-5)
+    out_ref.loss.backward()
+    out.loss.backward()
+    assert_same_grads(ref, patched, rtol=1e-3, atol=1e-4)
+
+
+def test_config_is_not_shared_after_patch_and_unpatch_restores_it():
+    torch.manual_seed(0)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**COMMON)
+    model = LlamaForCausalLM(config)
+    fastsft.patch(model)
+    assert model.config is not config and model.model.layers[0].self_attn.config is model.config
+    fastsft.unpatch(model)
+    assert model.config is config and model.model.layers[0].self_attn.config is config
