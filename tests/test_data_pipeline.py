@@ -343,3 +343,42 @@ def test_use_cache_false_rebuilds(tmp_path, tokenizer, data_file, monkeypatch):
     again = prepare_dataset(data_file, tokenizer, cache_dir=cache, use_cache=False)
     assert calls and len(again) == 23
     assert [p.name for p in cache.iterdir()] == [again.path.name]  # no staging or retired copies left
+
+
+def test_cache_key_sees_every_element_of_array_records(tmp_path, tokenizer):
+    """numpy's repr abbreviates long arrays; two datasets differing past element 1000 must not share a cache."""
+    ids = np.full(3000, 7, dtype=np.int64)
+    other = ids.copy()
+    other[2500] = 8
+    first = prepare_dataset([{"input_ids": ids}], tokenizer, max_seq_len=4096, cache_dir=tmp_path)
+    second = prepare_dataset([{"input_ids": other}], tokenizer, max_seq_len=4096, cache_dir=tmp_path)
+    assert first.path != second.path and int(second[0][0][2500]) == 8
+
+
+@pytest.mark.parametrize("change", [{"format": "chat"}, {"on_bad_record": "skip"}, {"mask_method": "prefix"},
+                                    {"chat_template_kwargs": {"enable_thinking": False}}])  # fmt: skip
+def test_more_options_miss_the_cache(tmp_path, tokenizer, data_file, change):
+    base = prepare_dataset(data_file, tokenizer, cache_dir=tmp_path)
+    assert prepare_dataset(data_file, tokenizer, cache_dir=tmp_path, **change).path != base.path
+
+
+def test_negative_and_out_of_range_indices(tmp_path, tokenizer, data_file):
+    data = prepare_dataset(data_file, tokenizer, cache_dir=tmp_path)
+    assert data[-1][0].tolist() == data[len(data) - 1][0].tolist() and len(data[-1][0]) > 0
+    with pytest.raises(IndexError, match="out of range"):
+        data[len(data)]
+
+
+def test_abandoned_staging_of_a_dead_process_is_removed(tmp_path, tokenizer, data_file):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    data = prepare_dataset(data_file, tokenizer, cache_dir=tmp_path)
+    key = data.path.name
+    abandoned = tmp_path / f".{key}.partial-{int(dead.stdout)}-xyz"
+    abandoned.mkdir()
+    alive = tmp_path / f".{key}.partial-{os.getpid()}-abc"  # this process: still writing, must stay
+    alive.mkdir()
+    prepare_dataset(data_file, tokenizer, cache_dir=tmp_path, use_cache=False)
+    assert not abandoned.exists() and alive.exists()

@@ -388,7 +388,8 @@ BAD_RECORDS = {
     "content a number": ("chat", json.dumps(chat(USER, {"role": "assistant", "content": 4})), "messages[1].content",
                          "expected a string or a list of text parts, got a number", "wrong type"),
     "unknown role": ("chat", json.dumps(chat(USER, ASSISTANT, {"role": "bot", "content": "x"})), "messages[2].role",
-                     "unknown role 'bot' (known: system, user, assistant, tool; aliases: developer)", "unknown role"),
+                     "unknown role 'bot' (known: system, user, assistant, tool; aliases: developer, model, ipython, "
+                     "function)", "unknown role"),
     "image part": ("chat", json.dumps(chat({"role": "user", "content": [{"type": "image_url", "image_url": "u"}]},
                                            ASSISTANT)),
                    "messages[0].content[0].type",
@@ -425,7 +426,7 @@ BAD_RECORDS = {
                                                       "completion": [ASSISTANT]}),
                                           "prompt[0].role",
                                           "unknown role 'bot' (known: system, user, assistant, tool; aliases: "
-                                          "developer)", "unknown role"),
+                                          "developer, model, ipython, function)", "unknown role"),
     "alpaca missing output": ("alpaca", json.dumps({"instruction": "Q"}), "output",
                               "missing (format alpaca, detected from {path}:1)", "missing field"),
     "alpaca empty output": ("alpaca", json.dumps({"instruction": "Q", "output": " "}), "output", "whitespace only",
@@ -490,7 +491,7 @@ def test_error_message_matches_the_documented_shape(tmp_path):
         load_records(path)
     assert str(caught.value) == (
         f"{path}:12: field 'messages[2].role': unknown role 'bot' (known: system, user, assistant, tool; "
-        "aliases: developer)"
+        "aliases: developer, model, ipython, function)"
     )
     assert isinstance(caught.value, ValueError)
 

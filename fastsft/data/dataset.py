@@ -106,6 +106,10 @@ class TokenizedDataset:
         return len(self.lengths)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"example {index} out of range for {n} examples")
+        index %= n
         lo, hi = int(self.offsets[index]), int(self.offsets[index + 1])
         return self.tokens[lo:hi], self.trained[lo:hi].view(bool)
 
@@ -157,9 +161,10 @@ def source_fingerprint(source) -> str:
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"data file not found: {path}")
-        h.update(b"file:" + path.suffix.encode())
+        h.update(b"file:" + "".join(path.suffixes).encode())
         with open(path, "rb") as f:
-            h.update(hashlib.file_digest(f, "sha256").digest())
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
         return h.hexdigest()
     fingerprint = getattr(source, "_fingerprint", None)
     if fingerprint is not None:  # datasets.Dataset
@@ -167,15 +172,41 @@ def source_fingerprint(source) -> str:
         return h.hexdigest()
     h.update(b"records:")
     for record in source:
-        h.update(json.dumps(record, sort_keys=True, ensure_ascii=False, default=repr).encode())
+        h.update(json.dumps(record, sort_keys=True, ensure_ascii=False, default=_hashable).encode())
         h.update(b"\n")
     return h.hexdigest()
+
+
+def _hashable(value):
+    """JSON stand-in for values json cannot write, exact for arrays (repr abbreviates long ones)."""
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        return {"dtype": str(value.dtype), "shape": value.shape, "sha256": hashlib.sha256(value.tobytes()).hexdigest()}
+    if isinstance(value, np.generic):
+        return value.item()
+    return f"{type(value).__qualname__}:{value!r}"
+
+
+def _library_versions() -> str:
+    """Versions of the code that turns records into tokens: a new fastsft, transformers (templates,
+    tokenizer wrappers), tokenizers or jinja2 may tokenize or render differently, so a cache is theirs."""
+    import importlib.metadata
+
+    versions = []
+    for name in ("fastsft", "transformers", "tokenizers", "jinja2"):
+        try:
+            versions.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{name}==absent")
+    return ",".join(versions)
 
 
 def _cache_key(source, tokenizer, chat_template: str, settings: dict) -> str:
     h = hashlib.sha256()
     for part in (
         f"fastsft-tokenized-v{CACHE_FORMAT_VERSION}",
+        _library_versions(),
         source_fingerprint(source),
         tokenizer_fingerprint(tokenizer),
         chat_template,
@@ -205,8 +236,10 @@ def prepare_dataset(
     max_seq_len: int = 4096,
     format: str = "auto",
     chat_template: str | None = None,
+    chat_template_kwargs: dict | None = None,
     train_on_inputs: bool = False,
     assistant_turns: str = "all",
+    mask_method: str = "auto",
     truncation: str = "right",
     on_bad_record: str = "error",
     cache_dir: str | os.PathLike | None = None,
@@ -217,16 +250,27 @@ def prepare_dataset(
     """Read, mask, tokenize and cache a dataset (or map the cache of an identical earlier run).
 
     source: a .jsonl / .json / .parquet path, a list of dicts, or a datasets.Dataset (formats in
-    fastsft.data.formats). tokenizer: a Hugging Face tokenizer. Options: see the module docstring and
-    MaskOptions. `progress`: a progress bar on stderr (default: when stderr is a terminal).
+    fastsft.data.formats). tokenizer: a Hugging Face tokenizer.
+    max_seq_len, truncation: see the module docstring. format: "auto" or a format name.
+    chat_template: a Jinja template to use instead of the tokenizer's own; chat_template_kwargs: extra
+    template variables (e.g. {"enable_thinking": False}). train_on_inputs, assistant_turns, mask_method: see
+    MaskOptions. on_bad_record: "error" or "skip". cache_dir / use_cache: where the cache lives, and
+    whether an existing one may be used. chunk_size: records per batched tokenizer call. progress: a
+    progress bar on stderr (default: when stderr is a terminal).
+
+    Several processes (e.g. the ranks of one job) may call this at once with the same inputs: each builds,
+    the first to finish publishes and the others use its cache. Better: let one rank prepare first.
     """
     if not isinstance(max_seq_len, int) or max_seq_len < 2:
         raise ValueError(f"max_seq_len must be an int >= 2, got {max_seq_len!r}")
     if truncation not in TRUNCATION_POLICIES:
         raise ValueError(f"truncation must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
-    options = MaskOptions(train_on_inputs=train_on_inputs, assistant_turns=assistant_turns)
-    masker = ResponseMasker(tokenizer, chat_template=chat_template, options=options)
+    options = MaskOptions(train_on_inputs=train_on_inputs, assistant_turns=assistant_turns, mask_method=mask_method)
+    masker = ResponseMasker(
+        tokenizer, chat_template=chat_template, options=options, chat_template_kwargs=chat_template_kwargs
+    )
     settings = {
+        "chat_template_kwargs": json.dumps(chat_template_kwargs or {}, sort_keys=True, default=repr),
         "max_seq_len": max_seq_len,
         "format": format,
         "truncation": truncation,
@@ -242,13 +286,26 @@ def prepare_dataset(
         return TokenizedDataset(final)
 
     root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{key}.partial-", dir=root))
+    _remove_abandoned_staging(root, key)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}.partial-{os.getpid()}-", dir=root))
     try:
         _write_cache(staging, source, masker, settings, chunk_size, progress)
         _publish(staging, final, replace=not use_cache)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already when it was published
     return TokenizedDataset(final)
+
+
+def _remove_abandoned_staging(root: Path, key: str) -> None:
+    """Delete this key's half-written caches whose writer process is gone (a killed run)."""
+    for partial in root.glob(f".{key}.partial-*"):
+        try:
+            pid = int(partial.name.split(".partial-")[1].split("-")[0])
+            os.kill(pid, 0)  # raises when no such process
+        except ProcessLookupError:
+            shutil.rmtree(partial, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            continue
 
 
 def _publish(staging: Path, final: Path, *, replace: bool) -> None:

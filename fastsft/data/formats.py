@@ -37,7 +37,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 ROLES = ("system", "user", "assistant", "tool")
-ROLE_ALIASES = {"developer": "system"}
+# Other spellings seen in chat data: OpenAI's "developer", Gemma's "model", Llama-3.1's "ipython" tool results,
+# the older OpenAI "function" results.
+ROLE_ALIASES = {"developer": "system", "model": "assistant", "ipython": "tool", "function": "tool"}
 # ShareGPT "from" names -> canonical roles (the names seen in the wild; "function_call" is the model calling a tool).
 SHAREGPT_ROLES = {
     "human": "user",
@@ -68,7 +70,8 @@ class Record:
     """One training example in canonical form; `kind` says which fields are set.
 
     kind="messages":           messages (list of {"role", "content", ...}), first_trainable (index of the first
-                               message whose assistant turns are trained; earlier ones are context)
+                               message whose assistant turns are trained; earlier ones are context), tools
+                               (tool schemas for the chat template, or None)
     kind="prompt_completion":  prompt, completion (plain text, no chat template; only the completion is trained)
     kind="text":               text (every token trained)
     kind="tokens":             input_ids, labels (HF convention: unshifted, len(input_ids), each -100 or
@@ -90,6 +93,7 @@ class Record:
     text: str | None = None
     input_ids: list[int] | None = None
     labels: list[int] | None = None
+    tools: list[dict] | None = None  # kind "messages": the tool schemas the chat template renders (`tools=`)
 
     def __post_init__(self):
         if self.kind not in _KIND_FIELDS:
@@ -101,12 +105,13 @@ class Record:
                 raise ValueError(f"a Record of kind {self.kind!r} needs {name!r}")
             if name not in own and value is not None:
                 raise ValueError(f"a Record of kind {self.kind!r} has no {name!r}")
-        if self.kind != "messages" and self.first_trainable != 0:
-            raise ValueError("first_trainable belongs to kind 'messages'")
+        if self.kind != "messages" and (self.first_trainable != 0 or self.tools is not None):
+            raise ValueError("first_trainable and tools belong to kind 'messages'")
 
     def __repr__(self) -> str:
         shown = ["kind", "location", *_KIND_FIELDS[self.kind]]
         shown += ["first_trainable"] if self.kind == "messages" else ["labels"] if self.kind == "tokens" else []
+        shown += ["tools"] if self.tools is not None else []
         return f"Record({', '.join(f'{name}={getattr(self, name)!r}' for name in shown)})"
 
 
@@ -263,18 +268,41 @@ def _conversation(raw: Any, field: str, dialect: _Dialect, allow_empty: bool = F
 def _require_assistant(messages: list[dict], field: str) -> None:
     if not any(message["role"] == "assistant" for message in messages):
         raise _Invalid(field, "no assistant message: nothing to train on", "no assistant turn")
+    for i, message in enumerate(messages):
+        # An empty reply would teach the model to end its turn at once.
+        if message["role"] == "assistant" and not message["content"].strip() and not message.get("tool_calls"):
+            raise _Invalid(f"{field}[{i}].content", "empty assistant reply", "empty reply")
+
+
+def _tools(row: dict) -> list[dict] | None:
+    """The record's tool schemas (OpenAI style: a list of objects; a JSON string as ShareGPT exports write it)."""
+    tools = row.get("tools")
+    if tools is None or tools == "" or tools == []:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as exc:
+            raise _Invalid("tools", f"not valid JSON: {exc}", "wrong type") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise _Invalid("tools", f"expected a list of tool objects, got {_type_name(tools)}", "wrong type")
+    return tools
 
 
 def _from_chat(row: dict) -> dict:
     messages = _conversation(row["messages"], "messages", _CHAT)
     _require_assistant(messages, "messages")
-    return {"kind": "messages", "messages": messages}
+    return {"kind": "messages", "messages": messages, "tools": _tools(row)}
 
 
 def _from_sharegpt(row: dict) -> dict:
+    """ShareGPT, including the common top-level "system" prompt and "tools" fields."""
     messages = _conversation(row["conversations"], "conversations", _SHAREGPT)
     _require_assistant(messages, "conversations")
-    return {"kind": "messages", "messages": messages}
+    system = _optional_string(row, "system")
+    if system and not (messages and messages[0]["role"] == "system"):
+        messages.insert(0, {"role": "system", "content": system})
+    return {"kind": "messages", "messages": messages, "tools": _tools(row)}
 
 
 def _from_prompt_completion(row: dict) -> dict:
@@ -289,7 +317,7 @@ def _from_prompt_completion(row: dict) -> dict:
         context = _conversation(prompt, "prompt", _CHAT, allow_empty=True)
         answer = _conversation(completion, "completion", _CHAT)
         _require_assistant(answer, "completion")
-        return {"kind": "messages", "messages": context + answer, "first_trainable": len(context)}
+        return {"kind": "messages", "messages": context + answer, "first_trainable": len(context), "tools": _tools(row)}
     reason = f"{_type_name(completion)} but prompt is {_type_name(prompt)}: both must be strings or both message lists"
     raise _Invalid("completion", reason, "wrong type")
 
