@@ -178,3 +178,34 @@ def test_config_is_not_shared_after_patch_and_unpatch_restores_it():
     assert model.config is not config and model.model.layers[0].self_attn.config is model.config
     fastsft.unpatch(model)
     assert model.config is config and model.model.layers[0].self_attn.config is config
+
+
+def test_readme_loop_fastsft_data_into_a_patched_model(tmp_path):
+    """The README's plain-PyTorch loop: fastsft.data micro-batches (shifted labels, cu_seqlens) into a
+    patched model; a step's gradient equals the unpatched model's on the same documents."""
+    from _chat_tokenizers import make_tokenizer
+    from test_data_pipeline import conversation
+
+    from fastsft.data import PackedLoader, prepare_dataset
+
+    tokenizer = make_tokenizer("llama3")
+    data = prepare_dataset([conversation(1 + i % 3) for i in range(12)], tokenizer, cache_dir=tmp_path)
+    loader = PackedLoader(data, max_tokens=int(data.lengths.max()) + 30, grad_accum=3)
+    torch.manual_seed(0)
+    ref = make("llama", vocab_size=len(tokenizer))
+    model = fastsft.patch(copy.deepcopy(ref))
+    step = next(loader.steps(epoch=0))
+    supervised = sum(mb.num_supervised for mb in step)
+    for mb in step:
+        out = model(
+            **mb.model_inputs(), cu_seq_lens_q=mb.cu_seqlens, max_length_q=mb.max_seqlen,
+            shift_labels=mb.labels, num_items_in_batch=supervised,
+        )  # fmt: skip
+        out.loss.backward()
+        # The same documents through the unpatched model with HF's own (unshifted) labels, one at a time.
+        for d in mb.doc_ids.tolist():
+            ids, trained = data[d]
+            ids = torch.tensor(ids.tolist())[None]
+            labels = ids.masked_fill(~torch.tensor(trained.tolist())[None], -100)
+            ref(input_ids=ids, labels=labels, num_items_in_batch=supervised, use_cache=False).loss.backward()
+    assert_same_grads(ref, model)
