@@ -8,11 +8,13 @@ import sys
 
 def _cmd_train(args: argparse.Namespace) -> int:
     print(
-        "fastsft train: training arrives with the training-loop issue (#7).\n"
-        "Available today: the fused response-masked cross-entropy, RoPE, RMSNorm, SwiGLU/GeGLU and\n"
-        "packed-sequence (varlen) attention ops, e.g.\n"
-        "  from fastsft.ops import fused_linear_cross_entropy\n"
-        "  loss = fused_linear_cross_entropy(hidden, lm_head.weight, labels)\n"
+        "fastsft train: the training loop and its default job arrive with the training-loop issue (#7).\n"
+        "Available today:\n"
+        "  fastsft.patch(model)    fused kernels in any Llama/Mistral/Qwen2/Qwen3/Gemma2/Gemma3 HF model,\n"
+        "                          for your own loop, HF Trainer or TRL (README: fastsft.patch)\n"
+        "  fastsft.data            your JSONL/JSON/Parquet records -> token-exact response masks ->\n"
+        "                          packed micro-batches (prepare_dataset, PackedLoader)\n"
+        "  fastsft.ops             fused_linear_cross_entropy, apply_rope, rms_norm, swiglu, varlen_attention\n"
         "Run `fastsft info` to see which backend and kernels this machine uses."
     )
     return 0
