@@ -30,7 +30,7 @@ def _train_with_trainer(model, tmp_path, collator):
     args = TrainingArguments(
         output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, gradient_accumulation_steps=2,
         learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0,
-        data_seed=0, dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True,
+        data_seed=0, dataloader_num_workers=0, disable_tqdm=True,
     )  # fmt: skip
     trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(_rows(32)), data_collator=collator)
     trainer.train()
@@ -219,3 +219,30 @@ def test_readme_loop_fastsft_data_into_a_patched_model(tmp_path):
             labels = ids.masked_fill(~torch.tensor(trained.tolist())[None], -100)
             ref(input_ids=ids, labels=labels, num_items_in_batch=supervised, use_cache=False).loss.backward()
     assert_same_grads(ref, model)
+
+
+def test_lora_added_after_patching_is_honoured_and_unpatch_keeps_it():
+    """Patch, then PEFT wraps lm_head and the MLPs: the loss must include the lm_head adapter (the fused
+    loss steps aside for a wrapped head) and unpatching must keep every adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = make("llama")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head", "gate_proj"], lora_dropout=0.0)
+    torch.manual_seed(1)
+    ref = get_peft_model(copy.deepcopy(base), lora)
+    torch.manual_seed(1)
+    patched = get_peft_model(fastsft.patch(copy.deepcopy(base)), lora)
+    with torch.no_grad():
+        for model in (ref, patched):
+            torch.manual_seed(1)
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+    ids, position_ids, labels = packed_batch()
+    expected = ref(input_ids=ids, position_ids=position_ids, labels=labels, use_cache=False).loss
+    got = patched(input_ids=ids, position_ids=position_ids, labels=labels)
+    torch.testing.assert_close(got.loss, expected, rtol=1e-5, atol=1e-6)
+    fastsft.unpatch(patched)
+    again = patched(input_ids=ids, position_ids=position_ids, labels=labels, use_cache=False).loss
+    torch.testing.assert_close(again, expected, rtol=1e-5, atol=1e-6)

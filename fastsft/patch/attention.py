@@ -16,7 +16,10 @@ Three pieces:
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
+import types
 from dataclasses import dataclass
 
 import torch
@@ -99,21 +102,37 @@ def _scatter(out: torch.Tensor, plan: VarlenPlan) -> torch.Tensor:
     return full.index_copy(0, plan.keep, out)
 
 
-def hf_rope_function(attention_module):
-    """The `apply_rotary_pos_emb` the module's own modeling file uses (for rope=False patches)."""
-    return sys.modules[type(attention_module).__module__].apply_rotary_pos_emb
+@dataclass
+class AttentionState:
+    """A patched attention module's settings: its family's facts and which parts run fastsft's kernels."""
+
+    family: object
+    rope: bool
+    attention: bool
+
+
+def _original(module):
+    from .patcher import original_forward
+
+    return original_forward(module)
+
+
+def _modeling(module):
+    """The module's own modeling file (its apply_rotary_pos_emb and eager_attention_forward)."""
+    return sys.modules[type(module).__module__]
 
 
 def attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
-    """Forward of a patched attention module (bound per instance; `self._fastsft` holds its settings).
+    """Forward of a patched attention module (`self._fastsft` holds its settings).
 
-    hidden_states [B, S, H] -> ([B, S, H], None). Generation with a KV cache, or a call without a plan, goes
-    to the module's original forward (which then uses the "fastsft" attention interface)."""
+    hidden_states [B, S, H] -> ([B, S, H], None). Generation with a KV cache, or a call without a plan (e.g.
+    output_attentions, a 4-D mask), goes to the module's original forward, which then calls the "fastsft"
+    attention interface (that handles those cases with a plain PyTorch path)."""
     state = self._fastsft
     plan = kwargs.get(PLAN_KWARG)
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is not None or position_embeddings is None or (state.attention and plan is None):
-        return state.original_forward(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+        return _original(self)(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
 
     batch, seq_len = hidden_states.shape[:2]
     rows = batch * seq_len
@@ -131,7 +150,7 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
         q, k = apply_rope(q, k, cos, sin)
     else:
         as_bhsd = lambda t: t.view(batch, seq_len, -1, head_dim).transpose(1, 2)
-        q, k = hf_rope_function(self)(as_bhsd(q), as_bhsd(k), cos, sin)
+        q, k = _modeling(self).apply_rotary_pos_emb(as_bhsd(q), as_bhsd(k), cos, sin)
         q, k = q.transpose(1, 2).reshape(rows, -1, head_dim), k.transpose(1, 2).reshape(rows, -1, head_dim)
 
     if not state.attention:  # rope (and q/k norms) patched, attention left to the model's own implementation
@@ -156,7 +175,8 @@ def _hf_attention(self, state, q, k, v, batch, seq_len, attention_mask, kwargs):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     as_bhsd = lambda t: t.view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, state.eager_attention)
+    eager = getattr(_modeling(self), "eager_attention_forward", None)
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
     options = {"sliding_window": sliding_window(state.family, self)} if state.family.window else {}
     if state.family.attention_softcap:
         options["softcap"] = attention_softcap(state.family, self)
@@ -175,27 +195,44 @@ def _hf_attention(self, state, q, k, v, batch, seq_len, attention_mask, kwargs):
     return self.o_proj(out.reshape(batch, seq_len, -1).contiguous()), None
 
 
+# Tensor arguments an attention implementation may receive that fastsft accounts for. Any other tensor
+# (e.g. gpt-oss's attention sinks `s_aux`) would be silently ignored, so it is an error; flags pass.
+_HARMLESS_KWARGS = {
+    PLAN_KWARG, "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "use_cache",
+    "cache_position", "output_attentions", "is_causal", "cache", "past_key_values", "layer_idx",
+    "position_embeddings", "return_dict", "output_hidden_states", "num_items_in_batch",
+}  # fmt: skip
+
+
 def fastsft_attention(
     module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, softcap=None, **kwargs
 ):
     """transformers AttentionInterface function "fastsft": query [B, Hq, S, D], key/value [B, Hk, S_kv, D]
-    (GQA not repeated) -> (out [B, S, Hq, D], None).
+    (GQA not repeated) -> (out [B, S, Hq, D], attention weights or None).
 
     Uses the forward's VarlenPlan when the patched decoder passed one, else derives one from the kwargs
-    (cu_seq_lens_q / position_ids) or the 2-D padding mask. Cached generation (S != S_kv) runs a plain
-    masked softmax in PyTorch: correct, not fast (fastsft accelerates training)."""
+    (cu_seq_lens_q / position_ids) or the 2-D padding mask. Cached generation (a 4-D mask from the mask
+    function, S != S_kv) and output_attentions run a plain masked softmax in PyTorch: correct, not fast
+    (fastsft accelerates training)."""
     if dropout:
         raise NotImplementedError("fastsft attention has no dropout; set config.attention_dropout = 0")
+    unknown = sorted(k for k, v in kwargs.items() if torch.is_tensor(v) and k not in _HARMLESS_KWARGS)
+    if unknown:
+        raise NotImplementedError(
+            f"fastsft attention does not implement {', '.join(unknown)} ({type(module).__name__}); "
+            "patch this model with fastsft.patch(model, attention=False)"
+        )
     batch, _, seq_len, head_dim = query.shape
-    if key.shape[2] != seq_len:
-        return _cached_attention(query, key, value, attention_mask, scaling, sliding_window, softcap, module), None
+    dense = key.shape[2] != seq_len or (attention_mask is not None and attention_mask.dim() != 2)
+    if dense or kwargs.get("output_attentions"):
+        return _dense_attention(query, key, value, attention_mask, scaling, sliding_window, softcap, module)
     plan = kwargs.get(PLAN_KWARG)
     if plan is None:
         plan = plan_varlen(
             batch,
             seq_len,
             query.device,
-            attention_mask=attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None,
+            attention_mask=attention_mask,
             position_ids=kwargs.get("position_ids"),
             cu_seq_lens_q=kwargs.get("cu_seq_lens_q"),
             max_length_q=kwargs.get("max_length_q"),
@@ -215,8 +252,10 @@ def fastsft_attention(
     return _scatter(out, plan).view(batch, seq_len, -1, head_dim), None
 
 
-def _cached_attention(query, key, value, attention_mask, scaling, window, softcap, module):
-    """Plain attention for cached decoding: queries are the last S of S_kv positions."""
+def _dense_attention(query, key, value, attention_mask, scaling, window, softcap, module):
+    """Plain attention for the cases varlen rows do not cover. attention_mask: a 4-D boolean mask (True =
+    attend) from the "fastsft" mask function when a cache is in use; else queries are the last S positions of
+    S_kv keys, with an optional 2-D padding mask."""
     batch, num_heads, seq_len, head_dim = query.shape
     kv_len = key.shape[2]
     groups = num_heads // key.shape[1]
@@ -224,33 +263,54 @@ def _cached_attention(query, key, value, attention_mask, scaling, window, softca
     scores = torch.matmul(query.float(), key.float().transpose(2, 3)) * (scaling or head_dim**-0.5)
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
-    q_pos = torch.arange(kv_len - seq_len, kv_len, device=query.device)[:, None]
-    k_pos = torch.arange(kv_len, device=query.device)[None, :]
-    allowed = k_pos <= q_pos if getattr(module, "is_causal", True) else torch.ones_like(k_pos, dtype=torch.bool)
-    if window:
-        allowed = allowed & (k_pos > q_pos - window)
-    allowed = allowed[None, None]
-    if attention_mask is not None and attention_mask.dim() == 2:
-        allowed = allowed & attention_mask[:, None, None, -kv_len:].to(torch.bool)
+    if attention_mask is not None and attention_mask.dim() == 4:
+        allowed = attention_mask[..., :kv_len]
+        allowed = allowed.to(torch.bool) if allowed.dtype == torch.bool else allowed == 0  # additive masks: 0 = attend
+    else:
+        q_pos = torch.arange(kv_len - seq_len, kv_len, device=query.device)[:, None]
+        k_pos = torch.arange(kv_len, device=query.device)[None, :]
+        causal = getattr(module, "is_causal", True)
+        allowed = k_pos <= q_pos if causal else torch.ones_like(k_pos, dtype=torch.bool)
+        if window:
+            allowed = allowed & (k_pos > q_pos - window)
+        allowed = allowed[None, None]
+        if attention_mask is not None:
+            allowed = allowed & attention_mask[:, None, None, -kv_len:].to(torch.bool)
     scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(value.dtype)
-    return torch.matmul(probs, value).transpose(1, 2).contiguous()
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    out = torch.matmul(probs.to(value.dtype), value).transpose(1, 2).contiguous()
+    return out, probs.to(query.dtype)
+
+
+def fastsft_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
+    """transformers AttentionMaskInterface function "fastsft": without a cache (training) FlashAttention's
+    convention, None or the 2-D padding mask (never an [S, S] mask); with a cache (q_length != kv_length or an
+    offset: generation, static caches) the full 4-D boolean mask, which the dense path applies."""
+    from transformers.masking_utils import flash_attention_mask, sdpa_mask
+
+    if q_length == kv_length and not _nonzero(q_offset) and not _nonzero(kv_offset):
+        return flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask=attention_mask,
+                                    **kwargs)  # fmt: skip
+    kwargs["allow_is_causal_skip"] = False  # the dense path needs the explicit mask
+    return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask=attention_mask, **kwargs)
+
+
+def _nonzero(offset) -> bool:
+    return bool(offset != 0) if torch.is_tensor(offset) else offset != 0
 
 
 def register_attention() -> None:
-    """Register "fastsft" with transformers' attention and mask interfaces (idempotent). The mask function is
-    the FlashAttention one: None when nothing is padded, else the 2-D padding mask (no [S, S] masks)."""
+    """Register "fastsft" with transformers' attention and mask interfaces (idempotent)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTENTION_NAME, fastsft_attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, flash_attention_mask)
+    AttentionMaskInterface.register(ATTENTION_NAME, fastsft_mask)
 
 
-@dataclass
-class DecoderState:
-    original_forward: object
-    signature: object
+@functools.lru_cache(maxsize=64)
+def _signature(function) -> inspect.Signature:
+    return inspect.signature(function)
 
 
 def decoder_forward(self, *args, **kwargs):
@@ -259,26 +319,31 @@ def decoder_forward(self, *args, **kwargs):
 
     A training forward without a cache also gets use_cache=False: a cache built during training would send
     every layer to the slow cached path (and HF only packs by position_ids without a cache)."""
-    state = self._fastsft_decoder
-    arguments = state.signature.bind_partial(*args, **kwargs).arguments
+    original = _original(self)
+    signature = _signature(original.__func__) if isinstance(original, types.MethodType) else inspect.signature(original)
+    bound = signature.bind_partial(self, *args, **kwargs) if isinstance(original, types.MethodType) else None
+    arguments = bound.arguments if bound is not None else signature.bind_partial(*args, **kwargs).arguments
     extra = arguments.get("kwargs", {})
-    has_cache = any(arguments.get(name) is not None for name in ("cache", "past_key_values"))
-    if has_cache:
-        return state.original_forward(*args, **kwargs)
-    if self.training and "use_cache" in state.signature.parameters and "use_cache" not in arguments:
+    names = ("cache", "past_key_values")
+    if any(arguments.get(n) is not None or extra.get(n) is not None for n in names) or extra.get("output_attentions"):
+        return original(*args, **kwargs)
+    mask = arguments.get("attention_mask")
+    if mask is not None and mask.dim() != 2:  # a custom 4-D mask: the model's own mask semantics apply
+        return original(*args, **kwargs)
+    if self.training and "use_cache" in signature.parameters and arguments.get("use_cache") is None:
         kwargs["use_cache"] = False
     tokens = arguments.get("input_ids")
     if tokens is None:
         tokens = arguments.get("inputs_embeds")
     if tokens is None or tokens.dim() < 2:
-        return state.original_forward(*args, **kwargs)
+        return original(*args, **kwargs)
     kwargs[PLAN_KWARG] = plan_varlen(
         tokens.shape[0],
         tokens.shape[1],
         tokens.device,
-        attention_mask=arguments.get("attention_mask"),
+        attention_mask=mask,
         position_ids=arguments.get("position_ids"),
         cu_seq_lens_q=extra.get("cu_seq_lens_q"),
         max_length_q=extra.get("max_length_q"),
     )
-    return state.original_forward(*args, **kwargs)
+    return original(*args, **kwargs)

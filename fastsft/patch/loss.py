@@ -12,6 +12,7 @@ by it, so accumulation stays exact. Without labels the model's own forward runs 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -28,25 +29,55 @@ _HEAD_ONLY = ("labels", "logits_to_keep", "return_dict")
 
 @dataclass
 class LossState:
-    original_forward: object
-    signature: object
-    decoder: torch.nn.Module
     family: Family | None
     keep_logits: bool
 
 
+def _plain_linear_head(model) -> torch.nn.Module | None:
+    """The lm_head when it is a plain Linear (FSDP's wrapped class included); None when something wraps it
+    (e.g. a LoRA adapter added after patching), whose own forward must then run."""
+    head = model.get_output_embeddings()
+    return head if isinstance(head, torch.nn.Linear) else None
+
+
+def _whole(t, name: str):
+    """The lm_head's weight as a plain tensor. Under FSDP2 it is one while the unit holding it runs its
+    forward (the root unit, with the rest of the model). A head sharded as its own unit stays a DTensor here:
+    the fused loss reads its weight without calling it, so that unit's gather and gradient reduce-scatter
+    would never run."""
+    if t is not None and type(t).__name__ == "DTensor":
+        raise RuntimeError(
+            f"lm_head.{name} is still sharded (a DTensor) during the loss: fastsft's fused loss reads the weight "
+            "without calling lm_head, so fully_shard(model.lm_head) as its own unit cannot gather it or "
+            "reduce its gradient. Shard lm_head with the root module (fully_shard(model) without a separate "
+            "fully_shard(model.lm_head)), or patch with cross_entropy=False."
+        )
+    return t
+
+
 def causal_lm_forward(self, *args, **kwargs):
+    from .patcher import original_forward
+
+    original = original_forward(self)
     state = self._fastsft_loss
-    arguments = dict(state.signature.bind_partial(*args, **kwargs).arguments)
+    signature = inspect.signature(original)
+    arguments = dict(signature.bind_partial(*args, **kwargs).arguments)
     extra = dict(arguments.pop("kwargs", {}))
     labels = arguments.get("labels")
     shift_labels = extra.pop("shift_labels", None)
-    if labels is None and shift_labels is None:
-        return state.original_forward(*args, **kwargs)
+    head = _plain_linear_head(self)
+    if (labels is None and shift_labels is None) or head is None:
+        return original(*args, **kwargs)
     num_items_in_batch = extra.pop("num_items_in_batch", None)
+    return_dict = arguments.get("return_dict", extra.pop("return_dict", None))
+    if return_dict is None:
+        return_dict = getattr(self.config, "use_return_dict", True)
     for name in _HEAD_ONLY:
         arguments.pop(name, None)
-    outputs = state.decoder(**arguments, **extra)
+    if arguments.get("use_cache") is None and "use_cache" in signature.parameters:
+        arguments["use_cache"] = False  # a loss forward needs no cache (and HF packs only without one)
+    decoder = getattr(self, self.base_model_prefix)
+    outputs = decoder(**arguments, **extra, return_dict=True)
     hidden = outputs[0]
     if shift_labels is None:
         # HF's shift: the target of position t is labels[t + 1]; the last position has none.
@@ -55,17 +86,14 @@ def causal_lm_forward(self, *args, **kwargs):
         raise ValueError(
             f"labels of shape {tuple(shift_labels.shape)} do not match the tokens {tuple(hidden.shape[:-1])}"
         )
-    head = self.get_output_embeddings()
     cap = final_softcap(state.family, self.config)
+    weight, bias = _whole(head.weight, "weight"), _whole(head.bias, "bias")
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    flat_labels = shift_labels.reshape(-1).to(device=hidden.device)
-    weight = head.weight
     if weight.dtype != flat_hidden.dtype:  # e.g. an fp32 head under autocast: compute in the head's dtype
         flat_hidden = flat_hidden.to(weight.dtype)
+    flat_labels = shift_labels.reshape(-1).to(device=hidden.device)
     reduction = "mean" if num_items_in_batch is None else "sum"
-    loss = fused_linear_cross_entropy(
-        flat_hidden, weight, flat_labels, bias=head.bias, reduction=reduction, softcap=cap
-    )
+    loss = fused_linear_cross_entropy(flat_hidden, weight, flat_labels, bias=bias, reduction=reduction, softcap=cap)
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
@@ -80,4 +108,5 @@ def causal_lm_forward(self, *args, **kwargs):
 
     fields = CausalLMOutputWithPast.__dataclass_fields__
     carried = {k: v for k, v in outputs.items() if k in fields and k not in ("loss", "logits", "last_hidden_state")}
-    return CausalLMOutputWithPast(loss=loss, logits=logits, **carried)
+    out = CausalLMOutputWithPast(loss=loss, logits=logits, **carried)
+    return out if return_dict else out.to_tuple()

@@ -202,3 +202,39 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
         q_out, k_out = apply_rope_batched(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         return q_out.transpose(1, 2), k_out.transpose(1, 2)
     return apply_rope_batched(q, k, cos, sin)
+
+
+# --------------------------------------------------------------------------------------------------
+# Forwards that fastsft.patch binds onto existing HF modules (the module tree, its classes, parameters and
+# state-dict keys stay as they are, so PEFT, FSDP and checkpoints see the model they expect).
+# --------------------------------------------------------------------------------------------------
+
+
+def probe_norm(module: nn.Module) -> tuple[float, float]:
+    """(eps, offset) of an HF RMSNorm module, measured like RMSNorm.from_hf (raises TypeError otherwise)."""
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    weight = getattr(module, "weight", None)
+    if eps is None or getattr(module, "bias", None) is not None or not isinstance(weight, nn.Parameter):
+        raise TypeError(f"{type(module).__name__} is not an RMSNorm fastsft can run (no weight and eps)")
+    if weight.dim() != 1:
+        raise TypeError(f"{type(module).__name__} is not an RMSNorm fastsft can run (no 1-D weight and eps)")
+    return float(eps), _probe_offset(module, weight, float(eps))
+
+
+def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """forward of a patched HF RMSNorm: fastsft.ops.rms_norm with the module's own weight."""
+    eps, offset = self._fastsft_norm
+    return rms_norm(hidden_states, self.weight, eps, offset=offset)
+
+
+def probe_mlp(mlp: nn.Module) -> str:
+    """The gated op ("silu" or "gelu_tanh") an HF gate/up/down MLP computes (raises TypeError otherwise)."""
+    if not all(isinstance(getattr(mlp, name, None), nn.Module) for name in ("gate_proj", "up_proj", "down_proj")):
+        raise TypeError(f"{type(mlp).__name__} has no gate_proj/up_proj/down_proj")
+    return _gated_activation(_probe_activation(mlp))
+
+
+def gated_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """forward of a patched HF gated MLP: the activation fused with the product (its projections, LoRA
+    adapters included, are the module's own)."""
+    return self.down_proj(_GATED_OPS[self._fastsft_activation](self.gate_proj(x), self.up_proj(x)))

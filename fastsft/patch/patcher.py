@@ -1,26 +1,29 @@
 """The generic patcher: one code path for every family, driven by `families.FAMILIES`.
 
-What `patch(model)` swaps, per instance (other models of the same class are untouched):
+`patch(model)` changes behaviour, not structure: it binds new `forward`s onto this model's existing modules
+(the module tree, classes, Parameters and state-dict keys stay as they are, so PEFT adapters added later,
+FSDP wrapping and checkpoints see the model they expect), per instance (other models of the same class are
+untouched):
 
-* rms_norm: every `*RMSNorm` module -> `modules.RMSNorm` sharing its weight (offset measured, so Gemma's
-  1 + w is right), including Qwen3/Gemma-3's per-head q/k norms.
-* swiglu: every gated MLP (gate/up/down_proj) -> `modules.GatedMLP` (SwiGLU or GeGLU, measured).
-* rope / attention: each attention module's forward -> `attention.attention_forward` (token rows, fused
-  RoPE, varlen attention); the decoder's forward computes the document boundaries once per pass. The model
-  gets its own copy of its config with `_attn_implementation = "fastsft"`, so HF builds no [S, S] masks and a
-  model sharing the original config object keeps its own attention.
-* cross_entropy: the causal LM's forward -> `loss.causal_lm_forward` (fused linear cross-entropy on the rows
-  with a label; no logits).
+* rms_norm: every `*RMSNorm` module runs fastsft.ops.rms_norm with its own weight (offset measured, so
+  Gemma's 1 + w is right), including Qwen3/Gemma-3's per-head q/k norms.
+* swiglu: every gated MLP (gate/up/down_proj) runs its activation fused with the product (SwiGLU or GeGLU,
+  measured), calling its own projections.
+* rope / attention: each attention module runs `attention.attention_forward` (token rows, fused RoPE,
+  varlen attention); the decoder's forward works out the documents once per pass. The model gets its own
+  copy of its config with `_attn_implementation = "fastsft"`, so HF builds no [S, S] masks and a model
+  sharing the original config object keeps its own attention.
+* cross_entropy: the causal LM's forward runs `loss.causal_lm_forward` (fused linear cross-entropy on the
+  rows with a label; no logits).
 
 Models outside the family table get the attention (through transformers' AttentionInterface) and the loss,
-with a warning that lists the families. `unpatch` puts every original module, forward and config back.
+with a warning that lists the families. `unpatch` removes every bound forward and puts the config back.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
-import sys
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -29,15 +32,15 @@ from torch import nn
 
 from . import attention as attention_patch
 from . import loss as loss_patch
+from . import modules as module_patch
 from .families import FAMILIES, Family, family_of
-from .modules import GatedMLP, RMSNorm
 
-OPTIONS = ("rms_norm", "rope", "swiglu", "attention", "cross_entropy")
+STATE_ATTRIBUTE = "_fastsft_patch"
 
 
 @dataclass
 class PatchReport:
-    """What `fastsft.patch` did to one model: `patched[option]` = how many modules it swapped,
+    """What `fastsft.patch` did to one model: `patched[option]` = how many modules run fastsft's kernels,
     `not_patched[option]` = why an option was left alone."""
 
     model_type: str
@@ -52,51 +55,59 @@ class PatchReport:
         return "\n".join(lines)
 
 
-@dataclass
-class _AttentionState:
-    family: Family
-    rope: bool
-    attention: bool
-    original_forward: object
-    eager_attention: object
+def original_forward(module: nn.Module):
+    """The forward the module had before fastsft bound its own (its class's, or an earlier instance one)."""
+    previous = module.__dict__.get("_fastsft_previous_forward")
+    return previous if previous is not None else types.MethodType(type(module).forward, module)
+
+
+class PatchedForward:
+    """A module's per-instance `forward`: calls `function(module, ...)`. It shows the original forward's
+    signature (HF Trainer reads it to choose which dataset columns to keep) and, unlike a bound method of a
+    module-level function, survives pickle and deepcopy (its state is plain data)."""
+
+    def __init__(self, function, module: nn.Module):
+        self.function = function
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        return self.function(self.module, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(original_forward(self.module))
 
 
 @dataclass
 class _Undo:
     """Everything needed to put the model back exactly as it was."""
 
-    modules: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list)  # (parent, name, original)
-    forwards: list[tuple[nn.Module, object]] = field(default_factory=list)  # (module, its own instance forward)
-    configs: list[tuple[nn.Module, object]] = field(default_factory=list)  # (module, original config)
-    state_attributes: list[tuple[nn.Module, str]] = field(default_factory=list)
+    forwards: list[tuple[nn.Module, list[str]]] = field(default_factory=list)  # (module, attributes we set)
+    configs: list[tuple[nn.Module, object]] = field(default_factory=list)  # (module, its original config)
 
-    def replace_module(self, parent: nn.Module, name: str, new: nn.Module) -> None:
-        self.modules.append((parent, name, getattr(parent, name)))
-        setattr(parent, name, new)
-
-    def replace_forward(self, module: nn.Module, function, state_name: str | None = None, state=None) -> None:
-        self.forwards.append((module, module.__dict__.get("forward", _NO_INSTANCE_FORWARD)))
-        module.forward = types.MethodType(function, module)
-        if state_name is not None:
-            setattr(module, state_name, state)
-            self.state_attributes.append((module, state_name))
+    def bind(self, module: nn.Module, function, **state) -> None:
+        """Bind `function` as module.forward (keeping an existing instance forward to call and restore) and
+        set the module's fastsft state attributes."""
+        names = list(state)
+        previous = module.__dict__.get("forward")
+        if previous is not None:
+            module.__dict__["_fastsft_previous_forward"] = previous
+            names.append("_fastsft_previous_forward")
+        for name, value in state.items():
+            module.__dict__[name] = value
+        module.__dict__["forward"] = PatchedForward(function, module)
+        self.forwards.append((module, names))
 
     def undo(self) -> None:
-        for module, name in reversed(self.state_attributes):
-            module.__dict__.pop(name, None)
-        for module, previous in reversed(self.forwards):
-            if previous is _NO_INSTANCE_FORWARD:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = previous
-        for parent, name, original in reversed(self.modules):
-            setattr(parent, name, original)
+        for module, names in reversed(self.forwards):
+            previous = module.__dict__.get("_fastsft_previous_forward")
+            module.__dict__.pop("forward", None)
+            if previous is not None:
+                module.__dict__["forward"] = previous
+            for name in names:
+                module.__dict__.pop(name, None)
         for module, config in reversed(self.configs):
             module.config = config
-
-
-_NO_INSTANCE_FORWARD = object()
-STATE_ATTRIBUTE = "_fastsft_patch"
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:
@@ -116,6 +127,18 @@ def _causal_lm(model: nn.Module) -> nn.Module:
     return model
 
 
+def _check_unsharded(model: nn.Module) -> None:
+    """Patching measures modules (norm offsets, activations) by running them: it needs whole parameters."""
+    for name, p in model.named_parameters():
+        if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
+            raise RuntimeError(f"{name} is sharded (DTensor): call fastsft.patch(model) before fully_shard / FSDP")
+        if p.numel() == 0:
+            raise RuntimeError(
+                f"{name} has no elements (partitioned, e.g. by DeepSpeed ZeRO-3): call fastsft.patch(model) "
+                "before the model is partitioned"
+            )
+
+
 def _decoder(model: nn.Module) -> nn.Module | None:
     """The base decoder (the module the causal LM's forward calls: `model.model` for Llama-likes)."""
     base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
@@ -123,13 +146,16 @@ def _decoder(model: nn.Module) -> nn.Module | None:
 
 
 def _own_config(model: nn.Module, undo: _Undo):
-    """Give the model (and each submodule that shares its config object) a private copy of the config."""
+    """Give the model a private copy of its config; every module holding the shared config, or one of its
+    sub-configs, gets the matching copy."""
     shared = model.config
-    private = copy.deepcopy(shared)
+    memo: dict[int, object] = {}
+    private = copy.deepcopy(shared, memo)
     for module in model.modules():
-        if module.__dict__.get("config") is shared:
-            undo.configs.append((module, shared))
-            module.config = private
+        config = module.__dict__.get("config")
+        if config is not None and id(config) in memo:
+            undo.configs.append((module, config))
+            module.config = memo[id(config)]
     return private
 
 
@@ -142,12 +168,13 @@ def patch_model(model, *, rms_norm=True, rope=True, swiglu=True, attention=True,
     wrapper, model = model, _causal_lm(model)
     if STATE_ATTRIBUTE in model.__dict__:
         raise RuntimeError("this model is already patched by fastsft; call fastsft.unpatch(model) first")
+    _check_unsharded(model)
     model_type, family = family_of(model.config)
     report = PatchReport(model_type, model_type if family is not None else "generic")
     undo = _Undo()
+    options = dict(rms_norm=rms_norm, rope=rope, swiglu=swiglu, attention=attention, cross_entropy=cross_entropy)
     try:
-        _patch(model, family, report, undo, dict(rms_norm=rms_norm, rope=rope, swiglu=swiglu, attention=attention,
-                                                 cross_entropy=cross_entropy), keep_logits)  # fmt: skip
+        _patch(model, family, report, undo, options, keep_logits)
     except BaseException:
         undo.undo()
         raise
@@ -158,8 +185,22 @@ def patch_model(model, *, rms_norm=True, rope=True, swiglu=True, attention=True,
     return wrapper
 
 
+def _generic_blockers(model, config) -> dict[str, str]:
+    """Options that are not safe on a model outside the family table, and why."""
+    blockers = {}
+    if getattr(config, "sub_configs", None):
+        why = "composite (e.g. multimodal) config; load the text-only model class (e.g. Gemma3ForCausalLM)"
+        blockers = {"attention": why, "cross_entropy": why}
+    if hasattr(config, "router_aux_loss_coef") or hasattr(config, "output_router_logits"):
+        blockers["cross_entropy"] = "the model adds a router auxiliary loss (MoE) in its own forward"
+    if not getattr(model, "_supports_attention_backend", False):
+        blockers.setdefault("attention", "the model does not dispatch attention through AttentionInterface")
+    return blockers
+
+
 def _patch(model, family: Family | None, report: PatchReport, undo: _Undo, options: dict, keep_logits: bool):
     decoder = _decoder(model)
+    blocked = {}
     if family is None:
         warnings.warn(
             f"fastsft.patch: model_type {report.model_type!r} is not one of the supported families "
@@ -167,94 +208,74 @@ def _patch(model, family: Family | None, report: PatchReport, undo: _Undo, optio
             "(AttentionInterface) and the loss (get_output_embeddings). See model.fastsft_report.",
             stacklevel=3,
         )
-        for name in ("rms_norm", "rope", "swiglu"):
-            if options[name]:
-                report.not_patched[name] = "family not in fastsft's table"
+        blocked = {name: "family not in fastsft's table" for name in ("rms_norm", "rope", "swiglu")}
+        blocked.update(_generic_blockers(model, model.config))
+    if options["attention"] and getattr(model.config, "attention_dropout", 0.0):
+        blocked["attention"] = f"config.attention_dropout={model.config.attention_dropout} (no dropout kernel)"
+    if options["attention"] and decoder is None:
+        blocked["attention"] = "no base decoder module found to compute document boundaries once"
+    if options["cross_entropy"] and decoder is None:
+        blocked["cross_entropy"] = "no base decoder module found"
+    enabled = {name: on and name not in blocked for name, on in options.items()}
 
-    config = _own_config(model, undo) if options["attention"] else model.config
-    attention_on = options["attention"]
-    if attention_on and getattr(config, "attention_dropout", 0.0):
-        report.not_patched["attention"] = f"config.attention_dropout={config.attention_dropout} (no dropout kernel)"
-        attention_on = False
-    if attention_on and decoder is None:
-        report.not_patched["attention"] = "no base decoder module found to compute document boundaries once"
-        attention_on = False
-
-    if family is not None:
-        if options["rms_norm"]:
-            _swap_norms(model, report, undo)
-        if options["swiglu"]:
-            _swap_mlps(model, report, undo)
-        if options["rope"] or attention_on:
-            _swap_attention_forwards(model, family, options["rope"], attention_on, report, undo)
-    if attention_on:
+    if enabled["rms_norm"]:
+        report.patched["rms_norm"] = _bind_norms(model, undo)
+    if enabled["swiglu"]:
+        report.patched["swiglu"] = _bind_mlps(model, undo)
+    if enabled["attention"]:
+        config = _own_config(model, undo)
         attention_patch.register_attention()
         config._attn_implementation = attention_patch.ATTENTION_NAME
-        decoder_state = attention_patch.DecoderState(decoder.forward, inspect.signature(decoder.forward))
-        undo.replace_forward(decoder, attention_patch.decoder_forward, "_fastsft_decoder", decoder_state)
-        if family is None:
-            report.patched["attention"] = sum(1 for m in model.modules() if _is_attention(m)) or 1
-    elif options["attention"] and "attention" not in report.not_patched:
-        report.not_patched["attention"] = "disabled"
-
-    if options["cross_entropy"]:
+        undo.bind(decoder, attention_patch.decoder_forward)
+    if family is not None and (enabled["rope"] or enabled["attention"]):
+        count = _bind_attention(model, family, enabled["rope"], enabled["attention"], undo)
+        report.patched.update({name: count for name in ("rope", "attention") if enabled[name]})
+    elif enabled["attention"]:
+        report.patched["attention"] = sum(1 for m in model.modules() if _is_attention(m))
+    if enabled["cross_entropy"]:
         head = model.get_output_embeddings()
-        if not isinstance(head, nn.Linear) or decoder is None:
-            report.not_patched["cross_entropy"] = f"the output embedding is {type(head).__name__}, not nn.Linear"
-        else:
-            state = loss_patch.LossState(model.forward, inspect.signature(model.forward), decoder, family, keep_logits)
-            undo.replace_forward(model, loss_patch.causal_lm_forward, "_fastsft_loss", state)
+        if isinstance(head, nn.Linear):
+            undo.bind(model, loss_patch.causal_lm_forward, _fastsft_loss=loss_patch.LossState(family, keep_logits))
             report.patched["cross_entropy"] = 1
-    for name, enabled in options.items():
-        if not enabled and name not in report.not_patched:
+        else:
+            blocked["cross_entropy"] = f"the output embedding is {type(head).__name__}, not nn.Linear"
+    for name, on in options.items():
+        if not on:
             report.not_patched[name] = "disabled"
+        elif name in blocked:
+            report.not_patched[name] = blocked[name]
 
 
-def _swap_norms(model, report: PatchReport, undo: _Undo):
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child).__name__.endswith("RMSNorm") and not isinstance(child, RMSNorm):
-                undo.replace_module(parent, name, RMSNorm.from_hf(child))
-                count += 1
-    report.patched["rms_norm"] = count
+def _bind_norms(model, undo: _Undo) -> int:
+    norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+    for norm in norms:
+        undo.bind(norm, module_patch.rms_norm_forward, _fastsft_norm=module_patch.probe_norm(norm))
+    return len(norms)
 
 
-def _swap_mlps(model, report: PatchReport, undo: _Undo):
-    count = 0
-    for parent in list(model.modules()):
-        mlp = parent._modules.get("mlp")
-        if mlp is not None and not isinstance(mlp, GatedMLP) and hasattr(mlp, "gate_proj"):
-            undo.replace_module(parent, "mlp", GatedMLP.from_hf(mlp))
-            count += 1
-    report.patched["swiglu"] = count
+def _bind_mlps(model, undo: _Undo) -> int:
+    mlps = [m for m in model.modules() if isinstance(m._modules.get("gate_proj"), nn.Module) and hasattr(m, "act_fn")]
+    for mlp in mlps:
+        undo.bind(mlp, module_patch.gated_mlp_forward, _fastsft_activation=module_patch.probe_mlp(mlp))
+    return len(mlps)
 
 
-def _swap_attention_forwards(model, family: Family, rope: bool, attention: bool, report: PatchReport, undo: _Undo):
-    count = 0
-    for module in model.modules():
-        if not _is_attention(module):
-            continue
+def _bind_attention(model, family: Family, rope: bool, attention: bool, undo: _Undo) -> int:
+    modules = [m for m in model.modules() if _is_attention(m)]
+    for module in modules:
         if family.qk_norm and not (hasattr(module, "q_norm") and hasattr(module, "k_norm")):
             raise TypeError(f"{type(module).__name__} has no q_norm/k_norm, which its family's facts say it has")
-        modeling = sys.modules[type(module).__module__]
-        state = _AttentionState(
-            family, rope, attention, module.forward, getattr(modeling, "eager_attention_forward", None)
-        )
-        undo.replace_forward(module, attention_patch.attention_forward, "_fastsft", state)
-        count += 1
-    if rope:
-        report.patched["rope"] = count
-    if attention:
-        report.patched["attention"] = count
+        state = attention_patch.AttentionState(family, rope, attention)
+        undo.bind(module, attention_patch.attention_forward, _fastsft=state)
+    return len(modules)
 
 
 def unpatch_model(model):
     wrapper, model = model, _causal_lm(model)
-    wrapper.__dict__.pop("fastsft_report", None)
     undo = model.__dict__.pop(STATE_ATTRIBUTE, None)
     if undo is None:
         raise ValueError("this model was not patched by fastsft (nothing to undo)")
     undo.undo()
     model.__dict__.pop("fastsft_report", None)
+    wrapper.__dict__.pop("fastsft_report", None)
     return wrapper
