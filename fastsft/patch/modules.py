@@ -69,20 +69,13 @@ class RMSNorm(nn.Module):
         """Wrap an HF RMSNorm module, sharing its weight Parameter. Unless given, the offset (0: x_hat * w,
         1: x_hat * (1 + w)) is measured by running the module once on a fixed input: class names do not
         tell (Gemma3n's norm is x_hat * w, Qwen3-Next's is x_hat * (1 + w))."""
-        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-        weight = getattr(module, "weight", None)
-        has_bias = getattr(module, "bias", None) is not None  # LayerNorm: mean-centred and biased, not RMSNorm
-        if eps is None or has_bias or not isinstance(weight, nn.Parameter) or weight.dim() != 1:
-            raise TypeError(
-                f"RMSNorm.from_hf: {type(module).__name__} has no 1-D `weight` Parameter and "
-                "`variance_epsilon`/`eps` attribute, so it is not an RMSNorm fastsft can replace"
-            )
+        eps, weight = _norm_eps_and_weight(module)
         if offset is None:
-            offset = _probe_offset(module, weight, float(eps))
+            offset = _probe_offset(module, weight, eps)
         norm = cls.__new__(cls)
         nn.Module.__init__(norm)
         norm.weight = weight
-        norm.variance_epsilon = float(eps)
+        norm.variance_epsilon = eps
         norm.offset = float(offset)
         return norm
 
@@ -210,15 +203,23 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
 # --------------------------------------------------------------------------------------------------
 
 
-def probe_norm(module: nn.Module) -> tuple[float, float]:
-    """(eps, offset) of an HF RMSNorm module, measured like RMSNorm.from_hf (raises TypeError otherwise)."""
+def _norm_eps_and_weight(module: nn.Module) -> tuple[float, nn.Parameter]:
+    """(eps, weight) of an HF RMSNorm module; TypeError for anything else (a LayerNorm has a bias)."""
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
     weight = getattr(module, "weight", None)
-    if eps is None or getattr(module, "bias", None) is not None or not isinstance(weight, nn.Parameter):
-        raise TypeError(f"{type(module).__name__} is not an RMSNorm fastsft can run (no weight and eps)")
-    if weight.dim() != 1:
-        raise TypeError(f"{type(module).__name__} is not an RMSNorm fastsft can run (no 1-D weight and eps)")
-    return float(eps), _probe_offset(module, weight, float(eps))
+    has_bias = getattr(module, "bias", None) is not None
+    if eps is None or has_bias or not isinstance(weight, nn.Parameter) or weight.dim() != 1:
+        raise TypeError(
+            f"{type(module).__name__} has no 1-D `weight` Parameter and `variance_epsilon`/`eps` attribute, so it "
+            "is not an RMSNorm fastsft can run"
+        )
+    return float(eps), weight
+
+
+def probe_norm(module: nn.Module) -> tuple[float, float]:
+    """(eps, offset) of an HF RMSNorm module, the offset measured as in RMSNorm.from_hf."""
+    eps, weight = _norm_eps_and_weight(module)
+    return eps, _probe_offset(module, weight, eps)
 
 
 def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
