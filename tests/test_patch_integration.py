@@ -246,3 +246,26 @@ def test_lora_added_after_patching_is_honoured_and_unpatch_keeps_it():
     fastsft.unpatch(patched)
     again = patched(input_ids=ids, position_ids=position_ids, labels=labels, use_cache=False).loss
     torch.testing.assert_close(again, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_fp32_model_under_bf16_autocast(family):
+    """Mixed precision (HF Trainer's bf16=True on an fp32 model): errors within 2x HF's own under autocast."""
+    torch.manual_seed(0)
+    exact = make(family).double()
+    hf = copy.deepcopy(exact).float()
+    patched = fastsft.patch(copy.deepcopy(exact).float())
+    losses = {"exact": [], "hf": [], "patched": []}
+    for seed in range(4):
+        ids, position_ids, labels = packed_batch(seed=seed + 1)
+        for name, model in (("exact", exact), ("hf", hf), ("patched", patched)):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name != "exact"):
+                loss = model(input_ids=ids, position_ids=position_ids, labels=labels, use_cache=False).loss
+            loss.backward()
+            losses[name].append(loss.detach().double())
+    stack = {name: torch.stack(values) for name, values in losses.items()}
+    assert_within_torch_error("losses", stack["patched"], stack["hf"], stack["exact"])
+    exact_params, hf_params = dict(exact.named_parameters()), dict(hf.named_parameters())
+    for name, p in patched.named_parameters():
+        assert p.grad.dtype == torch.float32
+        assert_within_torch_error(name, p.grad, hf_params[name].grad, exact_params[name].grad)

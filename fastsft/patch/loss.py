@@ -71,7 +71,7 @@ def causal_lm_forward(self, *args, **kwargs):
     num_items_in_batch = extra.pop("num_items_in_batch", None)
     return_dict = arguments.get("return_dict", extra.pop("return_dict", None))
     if return_dict is None:
-        return_dict = getattr(self.config, "use_return_dict", True)
+        return_dict = getattr(self.config, "return_dict", True)
     for name in _HEAD_ONLY:
         arguments.pop(name, None)
     if arguments.get("use_cache") is None and "use_cache" in signature.parameters:
@@ -93,7 +93,18 @@ def causal_lm_forward(self, *args, **kwargs):
         flat_hidden = flat_hidden.to(weight.dtype)
     flat_labels = shift_labels.reshape(-1).to(device=hidden.device)
     reduction = "mean" if num_items_in_batch is None else "sum"
-    loss = fused_linear_cross_entropy(flat_hidden, weight, flat_labels, bias=bias, reduction=reduction, softcap=cap)
+    device_type = flat_hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Mixed precision (an fp32 model under autocast, e.g. HF Trainer's bf16=True on fp32 weights): the
+        # lm_head matmul runs in the autocast dtype as HF's would, the loss math in fp32 inside the op.
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            loss = fused_linear_cross_entropy(
+                flat_hidden.to(dtype), weight.to(dtype), flat_labels,
+                bias=None if bias is None else bias.to(dtype), reduction=reduction, softcap=cap,
+            )  # fmt: skip
+    else:
+        loss = fused_linear_cross_entropy(flat_hidden, weight, flat_labels, bias=bias, reduction=reduction, softcap=cap)
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
