@@ -7,16 +7,36 @@ import sys
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    print(
-        "fastsft train: the training loop and its default job arrive with the training-loop issue (#7).\n"
-        "Available today:\n"
-        "  fastsft.patch(model)    fused kernels in any Llama/Mistral/Qwen2/Qwen3/Gemma2/Gemma3 HF model,\n"
-        "                          for your own loop, HF Trainer or TRL (README: fastsft.patch)\n"
-        "  fastsft.data            your JSONL/JSON/Parquet records -> token-exact response masks ->\n"
-        "                          packed micro-batches (prepare_dataset, PackedLoader)\n"
-        "  fastsft.ops             fused_linear_cross_entropy, apply_rope, rms_norm, swiglu, varlen_attention\n"
-        "Run `fastsft info` to see which backend and kernels this machine uses."
-    )
+    """`fastsft train [config.yaml] [key=value ...]`: the built-in default job when given nothing."""
+    from fastsft.train.config import ConfigError, format_config, format_keys, load_config
+
+    if args.help_config:
+        print(format_keys())
+        return 0
+    path, overrides = None, list(args.settings)
+    if overrides and "=" not in overrides[0]:
+        path = overrides.pop(0)
+    try:
+        config = load_config(path, overrides)
+    except ConfigError as exc:
+        print(f"fastsft train: {exc}", file=sys.stderr)
+        return 2
+    print(format_config(config))
+
+    from fastsft.train.loop import train
+
+    result = train(config)
+    lines = [f"run directory: {result.run_dir}", f"steps: {result.steps}, final training loss {result.final_loss:.4f}"]
+    if result.eval_loss is not None:
+        lines.append(f"held-out loss: {result.eval_loss:.4f}")
+    if result.exact_match_after is not None:
+        lines.append(
+            f"held-out exact match: {result.exact_match_before:.1%} before training -> "
+            f"{result.exact_match_after:.1%} after"
+        )
+    for question, expected, generated in result.samples:
+        lines.append(f"  Q: {question!r}  expected {expected!r}  model {generated!r}")
+    print("\n".join(lines))
     return 0
 
 
@@ -56,7 +76,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastsft", description="Fast, exact supervised fine-tuning of HF causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="fine-tune a model (the built-in default job when run without options)")
+    train = sub.add_parser(
+        "train",
+        help="fine-tune a model (the built-in default job when run without options)",
+        description="fastsft train [config.yaml] [key=value ...]: dotted keys override the file and the defaults; "
+        "with nothing given, the built-in tiny model learns the built-in synthetic instruction tasks.",
+    )
+    train.add_argument("settings", nargs="*", help="an optional YAML config file, then key=value overrides")
+    train.add_argument("--help-config", action="store_true", help="list every config key with its default")
     train.set_defaults(func=_cmd_train)
     info = sub.add_parser("info", help="versions, device, backend and native-extension status")
     info.set_defaults(func=_cmd_info)

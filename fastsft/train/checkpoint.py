@@ -1,0 +1,139 @@
+"""Checkpoints: Hugging Face format plus the trainer's state, written atomically, the last K kept.
+
+    <run_dir>/checkpoint-<step>/
+        model.safetensors, config.json, generation_config.json   save_pretrained (or PEFT's adapter files)
+        tokenizer files                                           tokenizer.save_pretrained
+        trainer_state.pt      optimizer, scheduler, RNG states, data position (tensors and plain data only:
+                              loaded with torch.load(weights_only=True), nothing is unpickled)
+        trainer_state.json    step, epoch, step in epoch, counters (human-readable)
+
+A checkpoint is written into `.checkpoint-<step>.partial-<pid>` and renamed into place when complete, so a
+run killed mid-save leaves the previous checkpoint intact and never a half-written one that `resume=auto`
+would pick.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STATE_FILE = "trainer_state.pt"
+STATE_JSON = "trainer_state.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class Position:
+    """Where training stands: `step` optimizer steps done; the next step is `step_in_epoch` of `epoch`."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    skipped_steps: int = 0
+    tokens: int = 0
+    supervised_tokens: int = 0
+
+
+def rng_state() -> dict:
+    """Every RNG the loop's results depend on, as tensors and plain data (weights_only-loadable)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_rest": [int(pos), int(has_gauss), float(cached)],
+        "python": repr(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import ast
+
+    torch.set_rng_state(state["torch"])
+    pos, has_gauss, cached = state["numpy_rest"]
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(ast.literal_eval(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, scheduler, position: Position, keep_last: int) -> Path:
+    """Write checkpoint-<step> atomically and delete all but the newest `keep_last`. Returns its path."""
+    run_dir = Path(run_dir)
+    final = run_dir / f"checkpoint-{position.step}"
+    staging = run_dir / f".checkpoint-{position.step}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_state(),
+            "position": asdict(position),
+        }
+        torch.save(state, staging / STATE_FILE)
+        (staging / STATE_JSON).write_text(json.dumps(asdict(position), indent=1))
+        if final.exists():  # the same step saved again (e.g. at the end): replace it
+            retired = run_dir / f".{final.name}.retired-{os.getpid()}"
+            os.replace(final, retired)
+            shutil.rmtree(retired, ignore_errors=True)
+        os.replace(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for old in checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints in `run_dir`, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for path in run_dir.iterdir():
+        match = _CHECKPOINT.match(path.name)
+        if match and (path / STATE_FILE).is_file():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def load_trainer_state(checkpoint: Path) -> dict:
+    """The trainer state of a checkpoint (weights_only: tensors and plain data, nothing unpickled)."""
+    return torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def load_model_weights(model, checkpoint: Path) -> None:
+    """Load a checkpoint's weights (safetensors) into `model` in place: full weights, or a PEFT adapter."""
+    from safetensors.torch import load_file
+
+    checkpoint = Path(checkpoint)
+    adapter = checkpoint / "adapter_model.safetensors"
+    if adapter.is_file():
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(adapter))
+        return
+    files = sorted(checkpoint.glob("model*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{checkpoint}: no model*.safetensors")
+    state = {}
+    for file in files:
+        state.update(load_file(file))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")}  # tied to the embeddings: not saved
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"{checkpoint}: weights do not match the model (missing {missing}, unexpected {unexpected})")

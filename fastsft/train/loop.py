@@ -1,0 +1,431 @@
+"""The lean training loop behind `fastsft train`.
+
+One optimizer step, as DESIGN.md lays it out:
+
+1. The step's micro-batches (packed rows, nothing padded) come from `PackedLoader`; their supervised-token
+   count is summed before the first forward (one all-reduce when distributed), on device.
+2. Each micro-batch's loss is a SUM over its supervised tokens divided by that step-wide count
+   (`num_items_in_batch`), so gradient accumulation and rank count do not change the gradients.
+3. Backward through fastsft's ops, clip, a NaN/inf guard (a non-finite gradient norm skips the step and is
+   counted; too many stop the run with a clear message), AdamW, the LR schedule.
+4. Metrics every `logging.every_steps` (loss, lr, grad norm, real and supervised tokens/s, peak memory) to
+   the progress bar and `metrics.jsonl`; eval (held-out loss, exact match) every `eval.every_steps`;
+   atomic checkpoints every `checkpointing.every_steps` and at the end.
+
+Precision: with dtype "bf16" the weights and AdamW states stay fp32 (master weights) and forward/backward
+run under bf16 autocast; "fp32" is fp32 throughout ("auto": bf16 on a CUDA device that supports it).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+import fastsft
+from fastsft.data import PackedLoader, prepare_dataset
+
+from . import checkpoint as ckpt
+from .config import TrainConfig
+
+# Sizes of the built-in synthetic data (the default job); eval uses the held-out split.
+SYNTHETIC_TRAIN_RECORDS = 6000
+SYNTHETIC_EVAL_RECORDS = 300
+EXACT_MATCH_ITEMS = 100
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    final_loss: float | None
+    eval_loss: float | None = None
+    exact_match_before: float | None = None
+    exact_match_after: float | None = None
+    skipped_steps: int = 0
+    losses: list[float] = field(default_factory=list)
+    samples: list[tuple[str, str, str]] = field(default_factory=list)  # (question, expected, generated)
+
+
+# --------------------------------------------------------------------------------------------------
+# Set-up
+# --------------------------------------------------------------------------------------------------
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _compute_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
+    if config.model.dtype == "fp32":
+        return torch.float32
+    if config.model.dtype == "bf16":
+        return torch.bfloat16
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def _run_dir(config: TrainConfig) -> Path:
+    if config.output_dir:
+        return Path(config.output_dir)
+    return Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def load_model_and_tokenizer(config: TrainConfig):
+    """The model (fp32 master weights) and its tokenizer: the built-in tiny preset or a local HF directory."""
+    if config.model.name_or_path == "tiny":
+        from .tiny import tiny_model, tiny_tokenizer
+
+        return tiny_model(seed=config.seed), tiny_tokenizer()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(config.model.name_or_path)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"model.name_or_path={config.model.name_or_path!r} is neither 'tiny' nor a local model directory "
+            "(fastsft loads local Hugging Face checkpoints: download one first, e.g. "
+            "`hf download <repo> --local-dir DIR`)"
+        )
+    trust = config.model.trust_remote_code
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, local_files_only=True, trust_remote_code=trust, dtype=torch.float32, use_safetensors=True
+    )
+    return model, tokenizer
+
+
+def _apply_lora(model, config: TrainConfig):
+    if not config.lora.enabled:
+        return model
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:
+        raise RuntimeError("lora.enabled=true needs PEFT: pip install peft") from exc
+    lora = LoraConfig(
+        r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        target_modules=list(config.lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def _datasets(config: TrainConfig, tokenizer):
+    """(train TokenizedDataset, eval TokenizedDataset or None)."""
+    common = dict(
+        max_seq_len=config.data.max_seq_len,
+        format=config.data.format,
+        chat_template=config.data.chat_template,
+        train_on_inputs=config.data.train_on_inputs,
+        assistant_turns=config.data.assistant_turns,
+        truncation=config.data.truncation,
+        on_bad_record=config.data.on_bad_record,
+        cache_dir=config.data.cache_dir,
+    )
+
+    def source(name: str, split: str, count: int):
+        if name == "synthetic":
+            from .synthetic import synthetic_records
+
+            return synthetic_records(count, seed=config.seed, split=split)
+        return name
+
+    train = prepare_dataset(source(config.data.train, "train", SYNTHETIC_TRAIN_RECORDS), tokenizer, **common)
+    eval_source = config.data.eval_source
+    evaluation = None
+    if eval_source is not None:
+        evaluation = prepare_dataset(source(eval_source, "heldout", SYNTHETIC_EVAL_RECORDS), tokenizer, **common)
+    return train, evaluation
+
+
+def _schedule(optimizer, config: TrainConfig, total_steps: int):
+    warmup = config.schedule.warmup_for(total_steps)
+    kind, floor = config.schedule.kind, config.schedule.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+        return floor + (1.0 - floor) * decay
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _optimizer(model, config: TrainConfig, device: torch.device):
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = config.optimizer.fused
+    if fused == "auto":
+        fused = device.type == "cuda"
+    return torch.optim.AdamW(
+        params,
+        lr=config.optimizer.lr,
+        betas=tuple(config.optimizer.betas),
+        eps=config.optimizer.eps,
+        weight_decay=config.optimizer.weight_decay,
+        fused=bool(fused),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Steps
+# --------------------------------------------------------------------------------------------------
+
+
+def _forward_backward(model, step_batches, device, autocast_dtype) -> tuple[float, int, int]:
+    """Run one optimizer step's micro-batches. Returns (loss of the step, real tokens, supervised tokens)."""
+    supervised = torch.tensor(sum(mb.num_supervised for mb in step_batches), device=device, dtype=torch.float32)
+    total_loss = torch.zeros((), device=device)
+    tokens = 0
+    for mb in step_batches:
+        mb = mb.to(device)
+        context = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+        with context:
+            out = model(
+                **mb.model_inputs(),
+                cu_seq_lens_q=mb.cu_seqlens,
+                max_length_q=mb.max_seqlen,
+                shift_labels=mb.labels,
+                num_items_in_batch=supervised,
+            )
+        out.loss.backward()
+        total_loss += out.loss.detach()
+        tokens += mb.num_tokens
+    return total_loss, tokens, int(sum(mb.num_supervised for mb in step_batches))
+
+
+@torch.no_grad()
+def evaluate_loss(model, loader: PackedLoader, device, autocast_dtype, max_batches: int) -> float | None:
+    """Mean loss per supervised token over up to `max_batches` held-out micro-batches."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    batches = 0
+    for step in loader.steps(0):
+        for mb in step:
+            if batches >= max_batches:
+                break
+            mb = mb.to(device)
+            context = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+            with context:
+                out = model(**mb.model_inputs(), cu_seq_lens_q=mb.cu_seqlens, max_length_q=mb.max_seqlen,
+                            shift_labels=mb.labels, num_items_in_batch=1)  # fmt: skip
+            total += float(out.loss)
+            count += mb.num_supervised
+            batches += 1
+    model.train(was_training)
+    return total / count if count else None
+
+
+@torch.no_grad()
+def exact_match(model, tokenizer, items, device, max_new_tokens: int = 24) -> tuple[float, list[str]]:
+    """Greedy answers to held-out items [(messages, answer)] and their exact-match score."""
+    from .synthetic import score_exact_match
+
+    was_training = model.training
+    model.eval()
+    predictions = []
+    eos = tokenizer.eos_token_id
+    for messages, _ in items:
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=device)
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                             pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        predictions.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    model.train(was_training)
+    return score_exact_match(predictions, [answer for _, answer in items]), predictions
+
+
+class _Metrics:
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
+
+    def write(self, record: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+
+def train(config: TrainConfig, *, log=print) -> TrainResult:
+    """Run `config` to the end; returns what happened (the run directory holds the rest)."""
+    torch.manual_seed(config.seed)
+    device = _device()
+    compute_dtype = _compute_dtype(config, device)
+    autocast_dtype = compute_dtype if compute_dtype != torch.float32 else None
+    run_dir = _run_dir(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.dump(run_dir)
+
+    model, tokenizer = load_model_and_tokenizer(config)
+    model = _apply_lora(model, config)
+    kernels = config.kernels
+    fastsft.patch(model, rms_norm=kernels.rms_norm, rope=kernels.rope, swiglu=kernels.swiglu,
+                  attention=kernels.attention, cross_entropy=kernels.cross_entropy)  # fmt: skip
+    if config.model.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(device)
+    model.train()
+
+    train_data, eval_data = _datasets(config, tokenizer)
+    log(f"data: {train_data.report.summary()}")
+    grad_accum = config.distributed.grad_accum
+    loader = PackedLoader(train_data, max_tokens=config.packing.max_tokens, seed=config.packing.seed,
+                          grad_accum=grad_accum)  # fmt: skip
+    eval_loader = PackedLoader(eval_data, max_tokens=config.packing.max_tokens) if eval_data is not None else None
+    steps_per_epoch = loader.num_steps(0)
+    total_steps = config.schedule.max_steps
+    if config.schedule.epochs is not None:
+        by_epochs = math.ceil(config.schedule.epochs * steps_per_epoch)
+        total_steps = by_epochs if total_steps is None else min(total_steps, by_epochs)
+    log(f"{steps_per_epoch} steps per epoch (packing efficiency {loader.efficiency(0):.1%}); {total_steps} steps")
+
+    optimizer = _optimizer(model, config, device)
+    scheduler = _schedule(optimizer, config, total_steps)
+    position = ckpt.Position()
+    resume_from = _resume_checkpoint(config, run_dir)
+    if resume_from is not None:
+        ckpt.load_model_weights(model, resume_from)
+        state = ckpt.load_trainer_state(resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        position = ckpt.Position(**state["position"])
+        log(f"resumed from {resume_from} at step {position.step}")
+
+    items = []
+    result = TrainResult(run_dir, position.step, None)
+    if config.eval.exact_match and config.data.eval_source == "synthetic":
+        from .synthetic import exact_match_items
+
+        items = exact_match_items(EXACT_MATCH_ITEMS, seed=config.seed + 1)
+        if position.step == 0:
+            result.exact_match_before, _ = exact_match(model, tokenizer, items, device)
+            log(f"held-out exact match before training: {result.exact_match_before:.1%}")
+
+    metrics = _Metrics(run_dir, config.logging.jsonl)
+    bar = _progress(config.logging.progress_bar, total_steps, position.step)
+    window = {"loss": 0.0, "steps": 0, "tokens": 0, "supervised": 0, "time": time.perf_counter()}
+    try:
+        while position.step < total_steps:
+            for step_batches in loader.steps(position.epoch, start_step=position.step_in_epoch):
+                step_loss, tokens, supervised = _forward_backward(model, step_batches, device, autocast_dtype)
+                clip = config.optimizer.grad_clip
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    [p for p in model.parameters() if p.grad is not None], clip if clip is not None else float("inf")
+                )
+                if not torch.isfinite(grad_norm):
+                    optimizer.zero_grad(set_to_none=True)
+                    position.skipped_steps += 1
+                    log(f"step {position.step}: non-finite gradient norm, step skipped ({position.skipped_steps})")
+                    if position.skipped_steps > config.nan_guard.max_skipped_steps:
+                        raise FloatingPointError(
+                            f"{position.skipped_steps} steps had non-finite gradients (limit "
+                            f"nan_guard.max_skipped_steps={config.nan_guard.max_skipped_steps}); lower optimizer.lr "
+                            "or check the data. The last checkpoint is intact."
+                        )
+                else:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                position.step += 1
+                position.step_in_epoch += 1
+                position.tokens += tokens
+                position.supervised_tokens += supervised
+                loss_value = float(step_loss)
+                result.losses.append(loss_value)
+                window["loss"] += loss_value
+                window["steps"] += 1
+                window["tokens"] += tokens
+                window["supervised"] += supervised
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                if position.step % config.logging.every_steps == 0 or position.step == total_steps:
+                    elapsed = time.perf_counter() - window["time"]
+                    record = {
+                        "step": position.step,
+                        "loss": window["loss"] / window["steps"],
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": float(grad_norm),
+                        "tokens_per_s": window["tokens"] / elapsed,
+                        "supervised_tokens_per_s": window["supervised"] / elapsed,
+                        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+                        "skipped_steps": position.skipped_steps,
+                    }
+                    metrics.write(record)
+                    window = {"loss": 0.0, "steps": 0, "tokens": 0, "supervised": 0, "time": time.perf_counter()}
+                if eval_loader is not None and position.step % config.eval.every_steps == 0:
+                    result.eval_loss = evaluate_loss(
+                        model, eval_loader, device, autocast_dtype, config.eval.max_batches
+                    )
+                    metrics.write({"step": position.step, "eval_loss": result.eval_loss})
+                if position.step % config.checkpointing.every_steps == 0 and position.step < total_steps:
+                    ckpt.save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, position,
+                                         config.checkpointing.keep_last)  # fmt: skip
+                if position.step >= total_steps:
+                    break
+            else:  # the epoch ran out
+                position.epoch += 1
+                position.step_in_epoch = 0
+    finally:
+        if bar is not None:
+            bar.close()
+
+    if eval_loader is not None:
+        result.eval_loss = evaluate_loss(model, eval_loader, device, autocast_dtype, config.eval.max_batches)
+        metrics.write({"step": position.step, "eval_loss": result.eval_loss})
+    ckpt.save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, position, config.checkpointing.keep_last)
+    if items:
+        result.exact_match_after, predictions = exact_match(model, tokenizer, items, device)
+        metrics.write({"step": position.step, "exact_match": result.exact_match_after})
+        for (messages, answer), predicted in list(zip(items, predictions, strict=True))[: config.eval.samples]:
+            result.samples.append((messages[-1]["content"], answer, predicted))
+    metrics.close()
+    result.steps = position.step
+    result.skipped_steps = position.skipped_steps
+    result.final_loss = result.losses[-1] if result.losses else None
+    (run_dir / "result.json").write_text(json.dumps(_jsonable(result), indent=1))
+    return result
+
+
+def _resume_checkpoint(config: TrainConfig, run_dir: Path) -> Path | None:
+    resume = config.checkpointing.resume
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = ckpt.checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / ckpt.STATE_FILE).is_file():
+        raise FileNotFoundError(f"checkpointing.resume={resume!r} is not a checkpoint directory (no {ckpt.STATE_FILE})")
+    return path
+
+
+def _jsonable(result: TrainResult) -> dict:
+    data = asdict(result)
+    data["run_dir"] = str(result.run_dir)
+    data["losses"] = [round(x, 6) for x in result.losses]
+    return data

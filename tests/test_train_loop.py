@@ -1,0 +1,137 @@
+"""The training loop: exact gradient accumulation, exact resume, atomic checkpoints, the NaN guard, the CLI."""
+
+import json
+
+import pytest
+import torch
+
+import fastsft
+from fastsft.data import PackedLoader, build_micro_batch, prepare_dataset
+from fastsft.train import checkpoint as ckpt
+from fastsft.train import loop
+from fastsft.train.config import load_config
+from fastsft.train.synthetic import synthetic_records
+from fastsft.train.tiny import tiny_model, tiny_tokenizer
+
+
+def small_config(tmp_path, *overrides):
+    base = [
+        f"output_dir={tmp_path / 'run'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "schedule.max_steps=12",
+        "schedule.warmup_steps=2",
+        "packing.max_tokens=512",
+        "data.max_seq_len=256",
+        "checkpointing.every_steps=6",
+        "checkpointing.keep_last=3",
+        "logging.every_steps=1",
+        "logging.progress_bar=false",
+        "eval.every_steps=6",
+        "eval.max_batches=2",
+        "eval.exact_match=false",
+    ]
+    return load_config(None, base + list(overrides))
+
+
+@pytest.fixture(autouse=True)
+def small_synthetic(monkeypatch):
+    monkeypatch.setattr(loop, "SYNTHETIC_TRAIN_RECORDS", 300)
+    monkeypatch.setattr(loop, "SYNTHETIC_EVAL_RECORDS", 40)
+    monkeypatch.setattr(loop, "EXACT_MATCH_ITEMS", 8)
+
+
+def test_accumulated_micro_batches_give_the_one_big_batch_gradient(tmp_path):
+    """Each micro-batch's loss is a sum over its tokens divided by the whole step's count, so four
+    micro-batches accumulate exactly the gradient of the same documents in one batch."""
+    tokenizer = tiny_tokenizer()
+    data = prepare_dataset(synthetic_records(64, seed=0), tokenizer, max_seq_len=256, cache_dir=tmp_path)
+    step = next(PackedLoader(data, max_tokens=300, grad_accum=4).steps(0))
+    assert len(step) == 4
+    device = torch.device("cpu")
+    grads = []
+    for batches in (step, [build_micro_batch(data, torch.cat([torch.from_numpy(mb.doc_ids) for mb in step]))]):
+        model = fastsft.patch(tiny_model(seed=0))
+        loss, _, supervised = loop._forward_backward(model, batches, device, None)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    uninterrupted = loop.train(small_config(tmp_path / "a"), log=lambda *_: None)
+    assert len(uninterrupted.losses) == 12
+
+    original = loop._forward_backward
+    calls = []
+
+    def crash_on_step_nine(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 9:
+            raise KeyboardInterrupt  # killed after checkpoint-6 was written
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_forward_backward", crash_on_step_nine)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(small_config(tmp_path / "b"), log=lambda *_: None)
+    monkeypatch.setattr(loop, "_forward_backward", original)
+    assert [p.name for p in ckpt.checkpoints(tmp_path / "b" / "run")] == ["checkpoint-6"]
+
+    resumed = loop.train(small_config(tmp_path / "b"), log=lambda *_: None)
+    assert resumed.steps == 12 and len(resumed.losses) == 6
+    assert resumed.losses == uninterrupted.losses[6:]  # bit-identical on CPU fp32
+
+
+def test_a_kill_during_a_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    real_save = torch.save
+    saves = []
+
+    def dying_save(obj, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) == 2:
+            raise KeyboardInterrupt  # killed while writing checkpoint-12
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(small_config(tmp_path), log=lambda *_: None)
+    run = tmp_path / "run"
+    assert [p.name for p in ckpt.checkpoints(run)] == ["checkpoint-6"]
+    assert not [p for p in run.iterdir() if ".partial-" in p.name]
+    state = ckpt.load_trainer_state(run / "checkpoint-6")
+    assert state["position"]["step"] == 6
+    model = tiny_model(seed=123)
+    ckpt.load_model_weights(model, run / "checkpoint-6")  # loads (safetensors), no error
+
+
+def test_non_finite_gradients_skip_steps_then_stop_with_a_clear_message(tmp_path, monkeypatch):
+    original = loop._forward_backward
+
+    def poisoned(model, *args, **kwargs):
+        result = original(model, *args, **kwargs)
+        next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(loop, "_forward_backward", poisoned)
+    config = small_config(tmp_path, "nan_guard.max_skipped_steps=2")
+    with pytest.raises(FloatingPointError, match=r"3 steps had non-finite gradients.*nan_guard.max_skipped_steps=2"):
+        loop.train(config, log=lambda *_: None)
+
+
+def test_metrics_checkpoints_and_config_are_written(tmp_path):
+    result = loop.train(small_config(tmp_path, "checkpointing.keep_last=1"), log=lambda *_: None)
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    assert all(r["tokens_per_s"] > 0 and r["supervised_tokens_per_s"] > 0 and r["lr"] > 0 for r in steps)
+    assert any("eval_loss" in r for r in records) and result.eval_loss is not None
+    assert [p.name for p in ckpt.checkpoints(run)] == ["checkpoint-12"]  # keep_last=1
+    assert load_config(run / "config.yaml", []) == small_config(tmp_path, "checkpointing.keep_last=1")
+    assert result.losses[-1] < result.losses[0]
+
+
+def test_cli_config_error_exits_2_with_the_suggestion(capsys):
+    from fastsft.cli import main
+
+    assert main(["train", "optimizer.learning_rate=1e-4"]) == 2
+    assert "did you mean 'optimizer.lr'" in capsys.readouterr().err
