@@ -2,6 +2,7 @@
 builds and degrades cleanly, and the command line answers."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -81,14 +82,28 @@ def test_wheel_contains_kernels_and_native_extension(tmp_path):
     assert all(line.startswith(str(target)) for line in run.stdout.split()), run.stdout
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "fastsft.cli", *args], capture_output=True, text=True, timeout=300)
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "fastsft.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
-def test_cli_train_default_job_says_what_is_available():
-    result = _cli("train")
-    assert result.returncode == 0, result.stderr
-    assert "training-loop issue" in result.stdout and "fused_linear_cross_entropy" in result.stdout
+# Measured 2026-11-30 on the 2-core CPU: 0.0% -> 31.7% after 800 steps (69 s); the full default job (2000
+# steps) reached 74.7%. The bar leaves room for run-to-run float differences between machines.
+BAR_AFTER_800_STEPS = 15.0
+
+
+def test_cli_train_default_job_learns_the_held_out_tasks(tmp_path):
+    """The README's main job, shortened to stay fast in CI (the full default runs 2000 steps, ~2 min on 2
+    cores): held-out exact match must rise from near zero to a clear share."""
+    result = _cli(
+        "train", f"output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}", "schedule.max_steps=800",
+        "logging.progress_bar=false", timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    match = re.search(r"held-out exact match: ([\d.]+)% before training -> ([\d.]+)% after", result.stdout)
+    assert match, result.stdout[-3000:]
+    before, after = float(match.group(1)), float(match.group(2))
+    assert before <= 5.0 and after >= BAR_AFTER_800_STEPS, (before, after)
+    assert (tmp_path / "run" / "checkpoint-800" / "model.safetensors").is_file()
 
 
 def test_cli_info_reports_versions_and_backend():

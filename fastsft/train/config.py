@@ -196,7 +196,7 @@ class DataConfig(_Section):
         "auto", "record format (fastsft.data.formats); auto: detected from the first record's keys"
     )
     max_seq_len: int = _field(
-        256,
+        128,
         "longest example in tokens, after the chat template (longer ones are cut or dropped, see data.truncation); "
         "256 fits the synthetic task, real chat data wants 2048-8192",
         ge=2,
@@ -253,8 +253,8 @@ class OptimizerConfig(_Section):
     SECTION: ClassVar[str] = "optimizer"
 
     lr: float = _field(
-        1e-3,
-        "peak learning rate (after warmup); 1e-3 suits the tiny model from scratch; fine-tuning a pretrained "
+        2e-3,
+        "peak learning rate (after warmup); 2e-3 suits the tiny model from scratch; fine-tuning a pretrained "
         "model wants ~1e-5-5e-5 (full) or ~1e-4-3e-4 (LoRA)",
         gt=0,
     )
@@ -280,7 +280,7 @@ class ScheduleConfig(_Section):
     SECTION: ClassVar[str] = "schedule"
 
     max_steps: int | None = _field(
-        200, "optimizer steps to train; null: use schedule.epochs (200 train the tiny job in ~1-2 min on 2 cores)", ge=1
+        2000, "optimizer steps to train; null: use schedule.epochs (2000 train the tiny job in ~2 min on 2 cores)", ge=1
     )
     epochs: float | None = _field(
         None, "passes over data.train (fractions allowed); with max_steps also set, the first limit reached wins", gt=0
@@ -289,12 +289,12 @@ class ScheduleConfig(_Section):
         None, "linear warmup length in steps; overrides schedule.warmup_ratio when set", ge=0
     )
     warmup_ratio: float = _field(
-        0.05, "linear warmup length as a share of the total steps (used when warmup_steps is null)", ge=0, lt=1
+        0.015, "linear warmup length as a share of the total steps (used when warmup_steps is null)", ge=0, lt=1
     )
     kind: Literal["cosine", "linear", "constant"] = _field(
         "cosine", "decay after warmup: cosine or linear down to lr * min_lr_ratio, or constant at lr"
     )
-    min_lr_ratio: float = _field(0.1, "the final learning rate as a share of optimizer.lr", ge=0, le=1)
+    min_lr_ratio: float = _field(0.0, "the final learning rate as a share of optimizer.lr", ge=0, le=1)
 
     def _check(self) -> None:
         if self.max_steps is None and self.epochs is None:
@@ -365,7 +365,7 @@ class CheckpointingConfig(_Section):
 
     SECTION: ClassVar[str] = "checkpointing"
 
-    every_steps: int | None = _field(100, "write a checkpoint every this many steps; null: only the final one", ge=1)
+    every_steps: int | None = _field(500, "write a checkpoint every this many steps; null: only the final one", ge=1)
     keep_last: int | None = _field(2, "how many of the newest checkpoints to keep; null: keep all", ge=1)
     resume: str = _field(
         "auto",
@@ -402,7 +402,7 @@ class EvalConfig(_Section):
 
     SECTION: ClassVar[str] = "eval"
 
-    every_steps: int | None = _field(50, "evaluate every this many steps; null: only at the end", ge=1)
+    every_steps: int | None = _field(250, "evaluate every this many steps; null: only at the end", ge=1)
     max_batches: int | None = _field(
         20, "evaluate on at most this many micro-batches of data.eval; null: all of it", ge=1
     )

@@ -36,9 +36,9 @@ from . import checkpoint as ckpt
 from .config import TrainConfig
 
 # Sizes of the built-in synthetic data (the default job); eval uses the held-out split.
-SYNTHETIC_TRAIN_RECORDS = 6000
+SYNTHETIC_TRAIN_RECORDS = 8000
 SYNTHETIC_EVAL_RECORDS = 300
-EXACT_MATCH_ITEMS = 100
+EXACT_MATCH_ITEMS = 300
 
 
 @dataclass
@@ -227,7 +227,7 @@ def evaluate_loss(model, loader: PackedLoader, device, autocast_dtype, max_batch
 
 
 @torch.no_grad()
-def exact_match(model, tokenizer, items, device, max_new_tokens: int = 24) -> tuple[float, list[str]]:
+def exact_match(model, tokenizer, items, device, max_new_tokens: int = 12) -> tuple[float, list[str]]:
     """Greedy answers to held-out items [(messages, answer)] and their exact-match score."""
     from .synthetic import score_exact_match
 

@@ -17,16 +17,17 @@ and deterministic:
 The inputs are chosen so that a tiny model can learn the rule, not just the examples, in a few minutes of CPU
 training, and every held-out question is answerable from what training teaches:
     - add/sub: two-digit operands, no carry or borrow (and a two-digit difference). Each answer digit is a sum
-      or difference of one column, and all 55 + 55 column facts occur in training, so a held-out pair of
-      operands is a new combination of known facts. (With carries, or single digits, a held-out sum would be a
-      fact never seen.)
+      or difference of one column, and every column fact (at most 55 per operation) occurs in training, so a
+      held-out pair of operands is a new combination of known facts. (With single-digit operands a held-out
+      sum would be a fact never seen; without carries each answer digit depends on one column only.)
     - reverse: pronounceable three-letter words (consonant-vowel-consonant or vowel-consonant-vowel, ~2,000
       of them), always the last word of the question. Too many to memorise; reversal has to be learned.
     - sort: three digits 0-9, repeats allowed, at the end of the question; the answer space-separated.
     - count_items: 2-5 distinct fruit names.
-Measured (2-layer tiny model, 2,000 steps of 1,024 tokens, ~2 minutes on 2 CPU cores): every family learned
-(0.7-1.0 exact match on held-out questions). Harder variants (4-letter words, counting a letter in a word,
-carries) stayed near chance in that budget, which is why they are not here.
+Measured with fastsft.train.tiny's 2-layer model (2,000 AdamW steps of 1,024 packed tokens, lr 2e-3, about two
+minutes on 2 CPU cores): held-out exact match 0.0 before training, 0.78-0.97 after (three seeds); each family
+jumps at a seed-dependent step. Harder variants tried (four-letter words, counting a letter in a word) stayed
+near chance within that budget, which is why they are not here.
 
 Records have an optional system prompt (a quarter of the one-exchange ones), one exchange (user, assistant)
 or, in a quarter of them, two (no system prompt then, to keep sequences short). Rendered with the tiny

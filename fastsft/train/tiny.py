@@ -3,11 +3,11 @@ and a small randomly initialised Llama that learns fastsft.train.synthetic's tas
 
     tokenizer = tiny_tokenizer()                 # a fresh PreTrainedTokenizerFast; no download, same ids every call
     model = tiny_model(seed=0)                   # LlamaForCausalLM, 382k parameters, float32, sdpa attention
-    data = prepare_dataset(synthetic_records(2000, seed=0), tokenizer, max_seq_len=128)
+    data = prepare_dataset(synthetic_records(8000, seed=0), tokenizer, max_seq_len=128)
 
 Tokenizer: one token per character of printable ASCII (plus "\\n"), no merges, and five special tokens with
-fixed ids (below). Character-level because the tasks are about characters (reversing a word, counting a
-letter, sorting digits): with one token per character a tiny model sees exactly what it must manipulate, and
+fixed ids (below). Character-level because the tasks are about characters (reversing a word, sorting digits,
+adding column by column): with one token per character a tiny model sees exactly what it must manipulate, and
 decode(encode(text)) == text for any printable-ASCII text. Anything else maps to <|unk|>.
 
 Chat template (ChatML, with BOS): <|bos|> then for each message
@@ -26,7 +26,7 @@ from tokenizers import Tokenizer, decoders, models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 PAD, BOS, IM_START, IM_END, UNK = "<|pad|>", "<|bos|>", "<|im_start|>", "<|im_end|>", "<|unk|>"
-SPECIAL_TOKENS = (PAD, BOS, IM_START, IM_END, UNK)  # ids 0..4, in this order
+SPECIAL_TOKENS = (PAD, BOS, IM_START, IM_END, UNK)  # ids 0-4, in this order
 PAD_ID, BOS_ID, IM_START_ID, IM_END_ID, UNK_ID = range(len(SPECIAL_TOKENS))
 # Printable ASCII without the rarely meaningful whitespace (\t \r \x0b \x0c), plus the newline ChatML needs.
 CHARACTERS = tuple(sorted(set(string.printable) - set("\t\r\x0b\x0c")))  # 96 characters, "\n" included
