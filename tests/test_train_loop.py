@@ -123,7 +123,8 @@ def test_metrics_checkpoints_and_config_are_written(tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 13))
-    assert all(r["tokens_per_s"] > 0 and r["supervised_tokens_per_s"] > 0 and r["lr"] > 0 for r in steps)
+    assert all(r["tokens_per_s"] > 0 and r["supervised_tokens_per_s"] > 0 and r["lr"] >= 0 for r in steps)
+    assert steps[1]["lr"] > steps[0]["lr"] > 0 and steps[-1]["lr"] < steps[2]["lr"]  # warmup, then decay
     assert any("eval_loss" in r for r in records) and result.eval_loss is not None
     assert [p.name for p in ckpt.checkpoints(run)] == ["checkpoint-12"]  # keep_last=1
     assert load_config(run / "config.yaml", []) == small_config(tmp_path, "checkpointing.keep_last=1")
