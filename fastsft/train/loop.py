@@ -7,7 +7,8 @@ One optimizer step, as DESIGN.md lays it out:
 2. Each micro-batch's loss is a SUM over its supervised tokens divided by that step-wide count
    (`num_items_in_batch`), so gradient accumulation and rank count do not change the gradients.
 3. Backward through fastsft's ops, clip, a NaN/inf guard (a non-finite gradient norm skips the step and is
-   counted; too many stop the run with a clear message), AdamW, the LR schedule.
+   counted; too many stop the run with a clear message), AdamW, the LR schedule. The guard reads the grad
+   norm on the host: one small sync per step (losses are read only on log steps).
 4. Metrics every `logging.every_steps` (loss, lr, grad norm, real and supervised tokens/s, peak memory) to
    the progress bar and `metrics.jsonl`; eval (held-out loss, exact match) every `eval.every_steps`;
    atomic checkpoints every `checkpointing.every_steps` and at the end.
@@ -328,6 +329,7 @@ def train(config: TrainConfig, *, log=print) -> TrainResult:
     metrics = _Metrics(run_dir, config.logging.jsonl)
     bar = _progress(config.logging.progress_bar, total_steps, position.step)
     window = {"loss": 0.0, "steps": 0, "tokens": 0, "supervised": 0, "time": time.perf_counter()}
+    pending_losses: list[torch.Tensor] = []
     try:
         while position.step < total_steps:
             for step_batches in loader.steps(position.epoch, start_step=position.step_in_epoch):
@@ -354,16 +356,19 @@ def train(config: TrainConfig, *, log=print) -> TrainResult:
                 position.step_in_epoch += 1
                 position.tokens += tokens
                 position.supervised_tokens += supervised
-                loss_value = float(step_loss)
-                result.losses.append(loss_value)
-                window["loss"] += loss_value
+                pending_losses.append(step_loss)  # stays on the device until a log step
                 window["steps"] += 1
                 window["tokens"] += tokens
                 window["supervised"] += supervised
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                 if position.step % config.logging.every_steps == 0 or position.step == total_steps:
+                    values = torch.stack(pending_losses).tolist()  # the one host sync for the window's losses
+                    pending_losses.clear()
+                    result.losses.extend(values)
+                    window["loss"] = sum(values)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{values[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                     elapsed = time.perf_counter() - window["time"]
                     record = {
                         "step": position.step,
