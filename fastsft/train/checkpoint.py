@@ -6,6 +6,9 @@
         trainer_state.pt      optimizer, scheduler, RNG states, data position (tensors and plain data only:
                               loaded with torch.load(weights_only=True), nothing is unpickled)
         trainer_state.json    step, epoch, step in epoch, counters (human-readable)
+        fastsft.json          what the weights need to be used again: {"base_model", "seed", "lora",
+                              "fastsft_version"} (`fastsft merge/generate/eval` rebuild a LoRA run's base
+                              model from it; "seed" matters only for the built-in "tiny" preset)
 
 A checkpoint is written into `.checkpoint-<step>.partial-<pid>` and renamed into place when complete, so a
 run killed mid-save leaves the previous checkpoint intact and never a half-written one that `resume=auto`
@@ -27,6 +30,7 @@ import torch
 
 STATE_FILE = "trainer_state.pt"
 STATE_JSON = "trainer_state.json"
+META_FILE = "fastsft.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -67,8 +71,12 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, scheduler, position: Position, keep_last: int) -> Path:
-    """Write checkpoint-<step> atomically and delete all but the newest `keep_last`. Returns its path."""
+def save_checkpoint(
+    run_dir: Path, model, tokenizer, optimizer, scheduler, position: Position, keep_last: int, meta: dict | None = None
+) -> Path:
+    """Write checkpoint-<step> atomically and delete all but the newest `keep_last`. Returns its path.
+
+    meta: written as fastsft.json (see the module docstring)."""
     run_dir = Path(run_dir)
     final = run_dir / f"checkpoint-{position.step}"
     staging = run_dir / f".checkpoint-{position.step}.partial-{os.getpid()}"
@@ -86,6 +94,8 @@ def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, scheduler, posit
         }
         torch.save(state, staging / STATE_FILE)
         (staging / STATE_JSON).write_text(json.dumps(asdict(position), indent=1))
+        if meta is not None:
+            (staging / META_FILE).write_text(json.dumps(meta, indent=1))
         if final.exists():  # the same step saved again (e.g. at the end): replace it
             retired = run_dir / f".{final.name}.retired-{os.getpid()}"
             os.replace(final, retired)
@@ -109,6 +119,12 @@ def checkpoints(run_dir: Path) -> list[Path]:
         if match and (path / STATE_FILE).is_file():
             found.append((int(match.group(1)), path))
     return [path for _, path in sorted(found)]
+
+
+def load_meta(checkpoint: Path) -> dict:
+    """A checkpoint's fastsft.json ({} for a checkpoint written by something else)."""
+    path = Path(checkpoint) / META_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def load_trainer_state(checkpoint: Path) -> dict:

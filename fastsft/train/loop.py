@@ -389,7 +389,7 @@ def train(config: TrainConfig, *, log=print) -> TrainResult:
                     metrics.write({"step": position.step, "eval_loss": result.eval_loss})
                 if position.step % config.checkpointing.every_steps == 0 and position.step < total_steps:
                     ckpt.save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, position,
-                                         config.checkpointing.keep_last)  # fmt: skip
+                                         config.checkpointing.keep_last, _checkpoint_meta(config))  # fmt: skip
                 if position.step >= total_steps:
                     break
             else:  # the epoch ran out
@@ -402,7 +402,8 @@ def train(config: TrainConfig, *, log=print) -> TrainResult:
     if eval_loader is not None:
         result.eval_loss = evaluate_loss(model, eval_loader, device, autocast_dtype, config.eval.max_batches)
         metrics.write({"step": position.step, "eval_loss": result.eval_loss})
-    ckpt.save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, position, config.checkpointing.keep_last)
+    ckpt.save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, position, config.checkpointing.keep_last,
+                         _checkpoint_meta(config))  # fmt: skip
     if items:
         result.exact_match_after, predictions = exact_match(model, tokenizer, items, device)
         metrics.write({"step": position.step, "exact_match": result.exact_match_after})
@@ -414,6 +415,11 @@ def train(config: TrainConfig, *, log=print) -> TrainResult:
     result.final_loss = result.losses[-1] if result.losses else None
     (run_dir / "result.json").write_text(json.dumps(_jsonable(result), indent=1))
     return result
+
+
+def _checkpoint_meta(config: TrainConfig) -> dict:
+    return {"base_model": config.model.name_or_path, "seed": config.seed, "lora": config.lora.enabled,
+            "fastsft_version": fastsft.__version__}  # fmt: skip
 
 
 def _resume_checkpoint(config: TrainConfig, run_dir: Path) -> Path | None:
