@@ -113,8 +113,30 @@ def test_non_finite_gradients_skip_steps_then_stop_with_a_clear_message(tmp_path
 
     monkeypatch.setattr(loop, "_forward_backward", poisoned)
     config = small_config(tmp_path, "nan_guard.max_skipped_steps=2")
-    with pytest.raises(FloatingPointError, match=r"3 steps had non-finite gradients.*nan_guard.max_skipped_steps=2"):
+    with pytest.raises(FloatingPointError, match=r"3 steps in a row had non-finite.*nan_guard.max_skipped_steps=2"):
         loop.train(config, log=lambda *_: None)
+
+
+def test_the_nan_guard_counts_consecutive_skips(tmp_path, monkeypatch):
+    """Every other step poisoned: 6 skips in all but never 2 in a row, so max_skipped_steps=1 lets it finish
+    (with the skipped steps counted and the good steps' updates applied)."""
+    original = loop._forward_backward
+    calls = []
+
+    def every_other(model, *args, **kwargs):
+        result = original(model, *args, **kwargs)
+        calls.append(None)
+        if len(calls) % 2 == 0:
+            next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("inf"))
+        return result
+
+    monkeypatch.setattr(loop, "_forward_backward", every_other)
+    result = loop.train(small_config(tmp_path, "nan_guard.max_skipped_steps=1"), log=lambda *_: None)
+    assert result.steps == 12 and result.skipped_steps == 6
+    untrained = tiny_model(seed=0)
+    trained = tiny_model(seed=0)
+    ckpt.load_model_weights(trained, tmp_path / "run" / "checkpoint-12")
+    assert not torch.equal(untrained.model.norm.weight, trained.model.norm.weight)  # the good steps did update
 
 
 def test_metrics_checkpoints_and_config_are_written(tmp_path):

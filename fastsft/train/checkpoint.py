@@ -72,26 +72,36 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(
-    run_dir: Path, model, tokenizer, optimizer, scheduler, position: Position, keep_last: int, meta: dict | None = None
+    run_dir: Path,
+    model,
+    tokenizer,
+    state: dict,
+    position: Position,
+    keep_last: int | None,
+    meta: dict | None = None,
+    *,
+    model_state_dict: dict | None = None,
 ) -> Path:
-    """Write checkpoint-<step> atomically and delete all but the newest `keep_last`. Returns its path.
+    """Write checkpoint-<step> atomically and delete all but the newest `keep_last` (None: keep all).
 
-    meta: written as fastsft.json (see the module docstring)."""
+    state: the trainer state saved as trainer_state.pt ({"optimizer", "scheduler", "rng", ...}: tensors and
+        plain data only); the position is added to it.
+    meta: written as fastsft.json (see the module docstring).
+    model_state_dict: the weights to save when `model`'s own state dict is not the whole model (FSDP shards),
+        gathered beforehand. Returns the checkpoint's path."""
     run_dir = Path(run_dir)
     final = run_dir / f"checkpoint-{position.step}"
     staging = run_dir / f".checkpoint-{position.step}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        model.save_pretrained(staging, safe_serialization=True)
+        if model_state_dict is not None:
+            model.save_pretrained(staging, state_dict=model_state_dict, safe_serialization=True)
+        else:
+            model.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        state = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_state(),
-            "position": asdict(position),
-        }
+        state = {**state, "position": asdict(position)}
         torch.save(state, staging / STATE_FILE)
         (staging / STATE_JSON).write_text(json.dumps(asdict(position), indent=1))
         if meta is not None:
@@ -103,7 +113,7 @@ def save_checkpoint(
         os.replace(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    for old in checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+    for old in checkpoints(run_dir)[:-keep_last] if keep_last else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -35,6 +35,7 @@ from fastsft.data import PackedLoader, prepare_dataset
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
+from .distributed import Distributed, clip_grad_norm, fingerprint
 
 # Sizes of the built-in synthetic data (the default job); eval uses the held-out split.
 SYNTHETIC_TRAIN_RECORDS = 8000
@@ -182,48 +183,58 @@ def _optimizer(model, config: TrainConfig, device: torch.device):
 # --------------------------------------------------------------------------------------------------
 
 
-def _forward_backward(model, step_batches, device, autocast_dtype) -> tuple[float, int, int]:
-    """Run one optimizer step's micro-batches. Returns (loss of the step, real tokens, supervised tokens)."""
-    supervised = torch.tensor(sum(mb.num_supervised for mb in step_batches), device=device, dtype=torch.float32)
+def _forward_backward(model, step_batches, device, autocast_dtype, dist: Distributed | None = None):
+    """Run one optimizer step's micro-batches on this rank.
+
+    The step's supervised-token count (every micro-batch, every rank) is summed on device before the first
+    forward; each micro-batch's loss is its summed token loss over count / world_size (ranks' gradients are
+    averaged, see distributed.py), so the accumulated gradient is the one-big-batch gradient.
+    Returns (this rank's summed micro-batch losses as a 0-d tensor, real tokens, supervised tokens on this rank).
+    """
+    dist = dist or Distributed()
+    local_supervised = int(sum(mb.num_supervised for mb in step_batches))
+    supervised = torch.tensor(float(local_supervised), device=device)
+    dist.all_reduce_sum(supervised)
+    num_items = supervised / dist.world_size if dist.world_size > 1 else supervised
     total_loss = torch.zeros((), device=device)
     tokens = 0
-    for mb in step_batches:
+    for index, mb in enumerate(step_batches):
         mb = mb.to(device)
         context = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
-        with context:
-            out = model(
-                **mb.model_inputs(),
-                cu_seq_lens_q=mb.cu_seqlens,
-                max_length_q=mb.max_seqlen,
-                shift_labels=mb.labels,
-                num_items_in_batch=supervised,
-            )
-        out.loss.backward()
+        with dist.accumulation_context(model, last_micro_batch=index == len(step_batches) - 1):
+            with context:
+                out = model(**mb.model_inputs(), cu_seq_lens_q=mb.cu_seqlens, max_length_q=mb.max_seqlen,
+                            shift_labels=mb.labels, num_items_in_batch=num_items)  # fmt: skip
+            out.loss.backward()
         total_loss += out.loss.detach()
         tokens += mb.num_tokens
-    return total_loss, tokens, int(sum(mb.num_supervised for mb in step_batches))
+    return total_loss, tokens, local_supervised
 
 
 @torch.no_grad()
-def evaluate_loss(model, loader: PackedLoader, device, autocast_dtype, max_batches: int) -> float | None:
-    """Mean loss per supervised token over up to `max_batches` held-out micro-batches."""
+def evaluate_loss(model, loader: PackedLoader, device, autocast_dtype, max_batches: int | None,
+                  dist: Distributed | None = None) -> float | None:  # fmt: skip
+    """Mean loss per supervised token over up to `max_batches` held-out micro-batches (per rank; every rank
+    runs the same number of forwards, which FSDP needs, and the sums are all-reduced)."""
+    dist = dist or Distributed()
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # (summed loss, supervised tokens)
     batches = 0
     for step in loader.steps(0):
         for mb in step:
-            if batches >= max_batches:
+            if max_batches is not None and batches >= max_batches:
                 break
             mb = mb.to(device)
             context = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
             with context:
                 out = model(**mb.model_inputs(), cu_seq_lens_q=mb.cu_seqlens, max_length_q=mb.max_seqlen,
                             shift_labels=mb.labels, num_items_in_batch=1)  # fmt: skip
-            total += float(out.loss)
-            count += mb.num_supervised
+            sums[0] += out.loss.double()
+            sums[1] += mb.num_supervised
             batches += 1
     model.train(was_training)
+    total, count = dist.all_reduce_sum(sums).tolist()
     return total / count if count else None
 
 
@@ -271,48 +282,68 @@ def _progress(enabled: bool, total: int, initial: int):
 
 
 def train(config: TrainConfig, *, log=print) -> TrainResult:
-    """Run `config` to the end; returns what happened (the run directory holds the rest)."""
-    torch.manual_seed(config.seed)
-    device = _device()
-    compute_dtype = _compute_dtype(config, device)
-    autocast_dtype = compute_dtype if compute_dtype != torch.float32 else None
-    run_dir = _run_dir(config)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.dump(run_dir)
+    """Run `config` to the end; returns what happened (the run directory holds the rest).
 
+    Under torchrun every process calls this; rank 0 alone logs, writes metrics and checkpoints, and measures
+    exact match (the returned TrainResult is complete on rank 0)."""
+    dist = Distributed.from_env(config.distributed.strategy)
+    try:
+        return _train(config, dist, log if dist.is_main else (lambda *_args, **_kwargs: None))
+    finally:
+        dist.close()
+
+
+def _build_model(config: TrainConfig):
+    """(patched model in fp32 on the CPU, tokenizer): the preset or local model, LoRA adapters, fastsft.patch."""
     model, tokenizer = load_model_and_tokenizer(config)
     model = _apply_lora(model, config)
     kernels = config.kernels
     fastsft.patch(model, rms_norm=kernels.rms_norm, rope=kernels.rope, swiglu=kernels.swiglu,
                   attention=kernels.attention, cross_entropy=kernels.cross_entropy)  # fmt: skip
+    return model, tokenizer
+
+
+def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
+    torch.manual_seed(config.seed)  # the same on every rank: FSDP shards identical copies of the initial weights
+    device = dist.device
+    compute_dtype = _compute_dtype(config, device)
+    autocast_dtype = compute_dtype if compute_dtype != torch.float32 else None
+    run_dir = Path(dist.all_gather_object(str(_run_dir(config)))[0])  # rank 0's timestamp names the run
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.dump(run_dir)
+
+    model, tokenizer = _build_model(config)
     if config.model.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.to(device)
-    model.train()
 
-    train_data, eval_data = _datasets(config, tokenizer)
+    with dist.main_first():  # rank 0 tokenizes and publishes the cache; the others then map it
+        train_data, eval_data = _datasets(config, tokenizer)
+    data_fingerprint = fingerprint(train_data.tokens, train_data.trained, train_data.offsets)
+    dist.check_same("the tokenized training data", data_fingerprint)
     log(f"data: {train_data.report.summary()}")
     grad_accum = config.distributed.grad_accum
     loader = PackedLoader(train_data, max_tokens=config.packing.max_tokens, seed=config.packing.seed,
-                          grad_accum=grad_accum)  # fmt: skip
-    eval_loader = PackedLoader(eval_data, max_tokens=config.packing.max_tokens) if eval_data is not None else None
+                          world_size=dist.world_size, rank=dist.rank, grad_accum=grad_accum)  # fmt: skip
+    eval_loader = None
+    if eval_data is not None:
+        eval_loader = PackedLoader(eval_data, max_tokens=config.packing.max_tokens, world_size=dist.world_size,
+                                   rank=dist.rank)  # fmt: skip
     steps_per_epoch = loader.num_steps(0)
     total_steps = config.schedule.max_steps
     if config.schedule.epochs is not None:
         by_epochs = math.ceil(config.schedule.epochs * steps_per_epoch)
         total_steps = by_epochs if total_steps is None else min(total_steps, by_epochs)
-    log(f"{steps_per_epoch} steps per epoch (packing efficiency {loader.efficiency(0):.1%}); {total_steps} steps")
+    ranks = f" on {dist.world_size} ranks ({dist.strategy})" if dist.enabled else ""
+    efficiency = loader.efficiency(0)
+    log(f"{steps_per_epoch} steps per epoch (packing efficiency {efficiency:.1%}){ranks}; {total_steps} steps")
 
-    optimizer = _optimizer(model, config, device)
-    scheduler = _schedule(optimizer, config, total_steps)
     position = ckpt.Position()
     resume_from = _resume_checkpoint(config, run_dir)
+    state = None
     if resume_from is not None:
-        ckpt.load_model_weights(model, resume_from)
+        ckpt.load_model_weights(model, resume_from)  # into the whole model, before it is sharded
         state = ckpt.load_trainer_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
         position = ckpt.Position(**state["position"])
         log(f"resumed from {resume_from} at step {position.step}")
 
@@ -322,33 +353,49 @@ def train(config: TrainConfig, *, log=print) -> TrainResult:
         from .synthetic import exact_match_items
 
         items = exact_match_items(EXACT_MATCH_ITEMS, seed=config.seed + 1)
-        if position.step == 0:
-            result.exact_match_before, _ = exact_match(model, tokenizer, items, device)
+        if position.step == 0 and dist.is_main:  # before sharding: rank 0 generates alone
+            result.exact_match_before, _ = exact_match(model.to(device), tokenizer, items, device)
             log(f"held-out exact match before training: {result.exact_match_before:.1%}")
+        dist.barrier()
 
-    metrics = _Metrics(run_dir, config.logging.jsonl)
-    bar = _progress(config.logging.progress_bar, total_steps, position.step)
-    window = {"loss": 0.0, "steps": 0, "tokens": 0, "supervised": 0, "time": time.perf_counter()}
+    model.to(device)
+    model.train()
+    model = dist.wrap(model)
+    optimizer = _optimizer(model, config, device)
+    scheduler = _schedule(optimizer, config, total_steps)
+    if state is not None:
+        dist.load_optimizer_state(model, optimizer, state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        per_rank = state.get("rng_per_rank")
+        ckpt.set_rng_state(per_rank[dist.rank] if per_rank and len(per_rank) == dist.world_size else state["rng"])
+
+    def save() -> Path:
+        return _save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, position, config, dist)
+
+    metrics = _Metrics(run_dir, config.logging.jsonl and dist.is_main)
+    bar = _progress(config.logging.progress_bar and dist.is_main, total_steps, position.step)
+    window = {"steps": 0, "tokens": 0, "supervised": 0, "time": time.perf_counter()}
     pending_losses: list[torch.Tensor] = []
+    consecutive_skips = 0
+    trainable = [p for p in model.parameters() if p.requires_grad]
     try:
         while position.step < total_steps:
             for step_batches in loader.steps(position.epoch, start_step=position.step_in_epoch):
-                step_loss, tokens, supervised = _forward_backward(model, step_batches, device, autocast_dtype)
-                clip = config.optimizer.grad_clip
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    [p for p in model.parameters() if p.grad is not None], clip if clip is not None else float("inf")
-                )
-                if not torch.isfinite(grad_norm):
+                step_loss, tokens, supervised = _forward_backward(model, step_batches, device, autocast_dtype, dist)
+                grad_norm = clip_grad_norm(trainable, config.optimizer.grad_clip)
+                if not torch.isfinite(grad_norm):  # the same decision on every rank: the norm is global
                     optimizer.zero_grad(set_to_none=True)
                     position.skipped_steps += 1
+                    consecutive_skips += 1
                     log(f"step {position.step}: non-finite gradient norm, step skipped ({position.skipped_steps})")
-                    if position.skipped_steps > config.nan_guard.max_skipped_steps:
+                    if consecutive_skips > config.nan_guard.max_skipped_steps:
                         raise FloatingPointError(
-                            f"{position.skipped_steps} steps had non-finite gradients (limit "
+                            f"{consecutive_skips} steps in a row had non-finite gradients (limit "
                             f"nan_guard.max_skipped_steps={config.nan_guard.max_skipped_steps}); lower optimizer.lr "
                             "or check the data. The last checkpoint is intact."
                         )
                 else:
+                    consecutive_skips = 0
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
@@ -363,33 +410,35 @@ def train(config: TrainConfig, *, log=print) -> TrainResult:
                 if bar is not None:
                     bar.update(1)
                 if position.step % config.logging.every_steps == 0 or position.step == total_steps:
-                    values = torch.stack(pending_losses).tolist()  # the one host sync for the window's losses
+                    # The one host sync (and, distributed, the one all-reduce) of the window's numbers.
+                    counts = [float(window["tokens"]), float(window["supervised"])]
+                    summed = torch.cat([torch.stack(pending_losses), torch.tensor(counts, device=device)])
+                    summed = dist.all_reduce_sum(summed.double()).tolist()
+                    values, (tokens_all, supervised_all) = [v / dist.world_size for v in summed[:-2]], summed[-2:]
                     pending_losses.clear()
                     result.losses.extend(values)
-                    window["loss"] = sum(values)
                     if bar is not None:
                         bar.set_postfix(loss=f"{values[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                     elapsed = time.perf_counter() - window["time"]
-                    record = {
+                    metrics.write({
                         "step": position.step,
-                        "loss": window["loss"] / window["steps"],
+                        "loss": sum(values) / len(values),
                         "lr": scheduler.get_last_lr()[0],
                         "grad_norm": float(grad_norm),
-                        "tokens_per_s": window["tokens"] / elapsed,
-                        "supervised_tokens_per_s": window["supervised"] / elapsed,
+                        "tokens_per_s": tokens_all / elapsed,
+                        "supervised_tokens_per_s": supervised_all / elapsed,
                         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
                         "skipped_steps": position.skipped_steps,
-                    }
-                    metrics.write(record)
-                    window = {"loss": 0.0, "steps": 0, "tokens": 0, "supervised": 0, "time": time.perf_counter()}
-                if eval_loader is not None and position.step % config.eval.every_steps == 0:
+                    })  # fmt: skip
+                    window = {"steps": 0, "tokens": 0, "supervised": 0, "time": time.perf_counter()}
+                if eval_loader is not None and config.eval.every_steps and position.step % config.eval.every_steps == 0:
                     result.eval_loss = evaluate_loss(
-                        model, eval_loader, device, autocast_dtype, config.eval.max_batches
+                        model, eval_loader, device, autocast_dtype, config.eval.max_batches, dist
                     )
                     metrics.write({"step": position.step, "eval_loss": result.eval_loss})
-                if position.step % config.checkpointing.every_steps == 0 and position.step < total_steps:
-                    ckpt.save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, position,
-                                         config.checkpointing.keep_last, _checkpoint_meta(config))  # fmt: skip
+                every = config.checkpointing.every_steps
+                if every and position.step % every == 0 and position.step < total_steps:
+                    save()
                 if position.step >= total_steps:
                     break
             else:  # the epoch ran out
@@ -400,21 +449,49 @@ def train(config: TrainConfig, *, log=print) -> TrainResult:
             bar.close()
 
     if eval_loader is not None:
-        result.eval_loss = evaluate_loss(model, eval_loader, device, autocast_dtype, config.eval.max_batches)
+        result.eval_loss = evaluate_loss(model, eval_loader, device, autocast_dtype, config.eval.max_batches, dist)
         metrics.write({"step": position.step, "eval_loss": result.eval_loss})
-    ckpt.save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, position, config.checkpointing.keep_last,
-                         _checkpoint_meta(config))  # fmt: skip
-    if items:
-        result.exact_match_after, predictions = exact_match(model, tokenizer, items, device)
+    final = save()
+    if items and dist.is_main:
+        result.exact_match_after, predictions = exact_match(
+            _generation_model(config, model, final, dist, device), tokenizer, items, device
+        )
         metrics.write({"step": position.step, "exact_match": result.exact_match_after})
         for (messages, answer), predicted in list(zip(items, predictions, strict=True))[: config.eval.samples]:
             result.samples.append((messages[-1]["content"], answer, predicted))
+    dist.barrier()
     metrics.close()
     result.steps = position.step
     result.skipped_steps = position.skipped_steps
     result.final_loss = result.losses[-1] if result.losses else None
-    (run_dir / "result.json").write_text(json.dumps(_jsonable(result), indent=1))
+    if dist.is_main:
+        (run_dir / "result.json").write_text(json.dumps(_jsonable(result), indent=1))
     return result
+
+
+def _save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, position, config, dist: Distributed) -> Path:
+    """Gather the whole state (collectives under fsdp; every rank calls this), rank 0 writes it atomically."""
+    model_state = dist.full_model_state(model)
+    state = {"optimizer": dist.optimizer_state(model, optimizer), "scheduler": scheduler.state_dict()}
+    rngs = dist.all_gather_object(ckpt.rng_state())
+    state["rng"], state["rng_per_rank"] = rngs[0], rngs
+    path = run_dir / f"checkpoint-{position.step}"
+    if dist.is_main:
+        path = ckpt.save_checkpoint(run_dir, dist.unwrap(model), tokenizer, state, position,
+                                    config.checkpointing.keep_last, _checkpoint_meta(config),
+                                    model_state_dict=model_state)  # fmt: skip
+    dist.barrier()  # nobody runs ahead (or resumes) before the checkpoint is published
+    return path
+
+
+def _generation_model(config: TrainConfig, model, checkpoint: Path, dist: Distributed, device):
+    """A model rank 0 can generate with alone: the trained one, or (FSDP: it is sharded) a copy from the
+    checkpoint just written."""
+    if not (dist.enabled and dist.strategy == "fsdp"):
+        return dist.unwrap(model)
+    copy, _ = _build_model(config)
+    ckpt.load_model_weights(copy, checkpoint)
+    return copy.to(device)
 
 
 def _checkpoint_meta(config: TrainConfig) -> dict:

@@ -1,0 +1,168 @@
+"""`torchrun --nproc-per-node 2 -m fastsft train ...` on 2 CPU processes (gloo): FSDP2 and DDP give the
+losses, gradients, eval loss and weights of 1 process with twice the gradient accumulation; an FSDP run
+resumes exactly; ranks that disagree about the data stop with a clear error."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastsft.data import prepare_dataset
+from fastsft.data.packing import pack_documents
+from fastsft.train import checkpoint as ckpt
+from fastsft.train import loop
+from fastsft.train.config import load_config
+from fastsft.train.synthetic import synthetic_records
+from fastsft.train.tiny import tiny_tokenizer
+
+ENTRY = str(Path(__file__).resolve().parent / "_train_entry.py")
+TRAIN_RECORDS, EVAL_RECORDS, ITEMS = 300, 40, 4
+MAX_TOKENS = 700  # 30 micro-batches: an even number (see the cache fixture)
+
+
+def overrides(run_dir: Path, cache: Path, *extra: str) -> list[str]:
+    return [
+        f"output_dir={run_dir}",
+        f"data.cache_dir={cache}",
+        "schedule.max_steps=3",
+        "schedule.warmup_steps=1",
+        f"packing.max_tokens={MAX_TOKENS}",
+        "data.max_seq_len=256",
+        "optimizer.grad_clip=0.05",  # small enough that clipping acts: the clipped norm must be the global one
+        "checkpointing.every_steps=1",
+        "checkpointing.keep_last=null",
+        "logging.every_steps=1",
+        "logging.progress_bar=false",
+        "eval.every_steps=2",
+        "eval.max_batches=null",  # all of it: 2 ranks' halves sum to the 1-process whole
+        "eval.exact_match=true",
+        *extra,
+    ]
+
+
+def torchrun(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", ENTRY]
+    command += [str(TRAIN_RECORDS), str(EVAL_RECORDS), str(ITEMS), "train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return done
+
+
+def metrics(run_dir: Path, key: str) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in records if key in r}
+
+
+def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return load_file(checkpoint / "model.safetensors")
+
+
+def first_moments(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """AdamW's exp_avg after the first step = (1 - beta1) * the first (clipped) gradient, by parameter name."""
+    state = ckpt.load_trainer_state(checkpoint)["optimizer"]["state"]
+    return {name: s["exp_avg"] for name, s in state.items()}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """The tokenized data, shared by every run; its packing must have an even number of micro-batches so
+    that 2 ranks x grad_accum 1 and 1 rank x grad_accum 2 group the same bins into each step."""
+    path = tmp_path_factory.mktemp("cache")
+    data = prepare_dataset(synthetic_records(TRAIN_RECORDS, seed=0, split="train"), tiny_tokenizer(),
+                           max_seq_len=256, cache_dir=path)  # fmt: skip
+    assert len(pack_documents(data.lengths, MAX_TOKENS, seed=0, epoch=0)) % 2 == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, cache):
+    """1 process, grad_accum=2: the reference."""
+    run_dir = tmp_path_factory.mktemp("one") / "run"
+    saved = loop.SYNTHETIC_TRAIN_RECORDS, loop.SYNTHETIC_EVAL_RECORDS, loop.EXACT_MATCH_ITEMS
+    loop.SYNTHETIC_TRAIN_RECORDS, loop.SYNTHETIC_EVAL_RECORDS, loop.EXACT_MATCH_ITEMS = (
+        TRAIN_RECORDS,
+        EVAL_RECORDS,
+        ITEMS,
+    )
+    try:
+        loop.train(load_config(None, overrides(run_dir, cache, "distributed.grad_accum=2")), log=lambda *_: None)
+    finally:
+        loop.SYNTHETIC_TRAIN_RECORDS, loop.SYNTHETIC_EVAL_RECORDS, loop.EXACT_MATCH_ITEMS = saved
+    return run_dir
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    losses, expected = metrics(run_dir, "loss"), metrics(reference, "loss")
+    assert sorted(losses) == [1, 2, 3]
+    for step in expected:
+        assert losses[step] == pytest.approx(expected[step], rel=1e-5), step
+    assert metrics(run_dir, "eval_loss") == pytest.approx(metrics(reference, "eval_loss"), rel=1e-5)
+    moments, expected_moments = first_moments(run_dir / "checkpoint-1"), first_moments(reference / "checkpoint-1")
+    assert moments.keys() == expected_moments.keys()
+    for name in expected_moments:
+        torch.testing.assert_close(moments[name], expected_moments[name], rtol=1e-4, atol=1e-8, msg=name)
+    final, expected_final = weights(run_dir / "checkpoint-3"), weights(reference / "checkpoint-3")
+    assert final.keys() == expected_final.keys()
+    for name in expected_final:
+        torch.testing.assert_close(final[name], expected_final[name], rtol=1e-4, atol=1e-6, msg=name)
+    result, expected_result = (json.loads((d / "result.json").read_text()) for d in (run_dir, reference))
+    assert result["exact_match_after"] == expected_result["exact_match_after"]
+    assert len(result["samples"]) == len(expected_result["samples"]) > 0
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_two_processes_equal_one_process_with_twice_the_accumulation(tmp_path, cache, one_process, strategy):
+    run_dir = tmp_path / "run"
+    done = torchrun(2, overrides(run_dir, cache, f"distributed.strategy={strategy}"))
+    assert f"on 2 ranks ({strategy})" in done.stdout
+    assert done.stdout.count("held-out exact match:") == 1  # rank 0 alone reports
+    assert_same_run(run_dir, one_process)
+    # The checkpoint is a plain HF one whatever the strategy: the same keys as the 1-process run's.
+    assert (run_dir / "checkpoint-3" / "config.json").is_file()
+
+
+def test_an_fsdp_run_resumes_exactly(tmp_path, cache, one_process):
+    """Stop after checkpoint-2 (its later files removed), resume under FSDP: step 3 equals the uninterrupted
+    run's, so weights, AdamW state (saved by parameter name) and the data position were all restored."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(one_process, run_dir)  # a 1-process checkpoint resumes on 2 ranks: the layout is portable
+    shutil.rmtree(run_dir / "checkpoint-3")
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text("\n".join(line for line in lines if json.loads(line)["step"] <= 2) + "\n")
+    done = torchrun(2, overrides(run_dir, cache, "distributed.strategy=fsdp"))
+    assert "resumed from" in done.stdout and "at step 2" in done.stdout
+    assert_same_run(run_dir, one_process)
+
+
+def test_ranks_with_different_data_stop_with_a_clear_error(tmp_path, cache):
+    """Rank 1 reads other records than rank 0 (as with unshared, different copies of a data file)."""
+    data = [tmp_path / "rank0.jsonl", tmp_path / "rank1.jsonl"]
+    for seed, path in enumerate(data):
+        records = synthetic_records(40, seed=seed, split="train")
+        path.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in records))
+    script = tmp_path / "entry.py"  # each rank points data.train at its own file
+    script.write_text(
+        "import os, sys\n"
+        f"sys.argv[sys.argv.index('data.train=RANK')] = 'data.train=' + {str(tmp_path)!r} + "
+        "'/rank' + os.environ['RANK'] + '.jsonl'\n"
+        f"sys.path.insert(0, {str(Path(ENTRY).parent)!r})\n"
+        f"exec(open({ENTRY!r}).read())\n"
+    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
+    command += [str(TRAIN_RECORDS), str(EVAL_RECORDS), str(ITEMS), "train", "data.train=RANK", "data.eval=null"]
+    command += [f"output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'c'}", "schedule.max_steps=1",
+                "logging.progress_bar=false", "eval.exact_match=false"]  # fmt: skip
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert done.returncode != 0
+    assert "the ranks disagree about the tokenized training data" in done.stderr
+    assert not (tmp_path / "run" / "checkpoint-1").exists()
