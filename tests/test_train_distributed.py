@@ -62,7 +62,8 @@ def metrics(run_dir: Path, key: str) -> dict[int, float]:
 
 
 def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    return load_file(checkpoint / "model.safetensors")
+    adapter = checkpoint / "adapter_model.safetensors"  # a LoRA run saves only its adapters, in PEFT's format
+    return load_file(adapter if adapter.is_file() else checkpoint / "model.safetensors")
 
 
 def first_moments(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -83,9 +84,24 @@ def cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory, cache):
-    """1 process, grad_accum=2: the reference."""
-    run_dir = tmp_path_factory.mktemp("one") / "run"
+def one_process_runs(tmp_path_factory, cache):
+    """1 process, grad_accum=2: the reference runs (full fine-tuning, LoRA), made when first asked for."""
+    runs = {}
+
+    def run(*extra: str) -> Path:
+        if extra not in runs:
+            runs[extra] = _one_process(tmp_path_factory.mktemp("one") / "run", cache, extra)
+        return runs[extra]
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def one_process(one_process_runs):
+    return one_process_runs()
+
+
+def _one_process(run_dir: Path, cache: Path, extra: tuple[str, ...]) -> Path:
     saved = loop.SYNTHETIC_TRAIN_RECORDS, loop.SYNTHETIC_EVAL_RECORDS, loop.EXACT_MATCH_ITEMS
     loop.SYNTHETIC_TRAIN_RECORDS, loop.SYNTHETIC_EVAL_RECORDS, loop.EXACT_MATCH_ITEMS = (
         TRAIN_RECORDS,
@@ -93,13 +109,15 @@ def one_process(tmp_path_factory, cache):
         ITEMS,
     )
     try:
-        loop.train(load_config(None, overrides(run_dir, cache, "distributed.grad_accum=2")), log=lambda *_: None)
+        config = load_config(None, overrides(run_dir, cache, "distributed.grad_accum=2", *extra))
+        loop.train(config, log=lambda *_: None)
     finally:
         loop.SYNTHETIC_TRAIN_RECORDS, loop.SYNTHETIC_EVAL_RECORDS, loop.EXACT_MATCH_ITEMS = saved
     return run_dir
 
 
 def assert_same_run(run_dir: Path, reference: Path) -> None:
+    """Same losses, eval loss, first gradient (AdamW's first moment), final weights, exact match."""
     losses, expected = metrics(run_dir, "loss"), metrics(reference, "loss")
     assert sorted(losses) == [1, 2, 3]
     for step in expected:
@@ -118,15 +136,20 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     assert len(result["samples"]) == len(expected_result["samples"]) > 0
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
-def test_two_processes_equal_one_process_with_twice_the_accumulation(tmp_path, cache, one_process, strategy):
+@pytest.mark.parametrize("strategy, lora", [("fsdp", False), ("ddp", False), ("fsdp", True)])
+def test_two_processes_equal_one_process_with_twice_the_accumulation(tmp_path, cache, one_process_runs, strategy, lora):
+    """LoRA under FSDP: frozen base weights and trainable adapters in the same sharded units; the adapters
+    are gathered and saved in PEFT's format."""
+    extra = ("lora.enabled=true",) if lora else ()
     run_dir = tmp_path / "run"
-    done = torchrun(2, overrides(run_dir, cache, f"distributed.strategy={strategy}"))
+    done = torchrun(2, overrides(run_dir, cache, f"distributed.strategy={strategy}", *extra))
     assert f"on 2 ranks ({strategy})" in done.stdout
     assert done.stdout.count("held-out exact match:") == 1  # rank 0 alone reports
-    assert_same_run(run_dir, one_process)
-    # The checkpoint is a plain HF one whatever the strategy: the same keys as the 1-process run's.
-    assert (run_dir / "checkpoint-3" / "config.json").is_file()
+    assert_same_run(run_dir, one_process_runs(*extra))
+    # The checkpoint is the same files whatever the strategy (HF weights, or PEFT's adapter files).
+    files = {p.name for p in (run_dir / "checkpoint-3").iterdir()}
+    assert files == {p.name for p in (one_process_runs(*extra) / "checkpoint-3").iterdir()}
+    assert ("adapter_config.json" in files) == lora and ("config.json" in files) != lora
 
 
 def test_an_fsdp_run_resumes_exactly(tmp_path, cache, one_process):

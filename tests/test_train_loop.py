@@ -139,13 +139,22 @@ def test_the_nan_guard_counts_consecutive_skips(tmp_path, monkeypatch):
     assert not torch.equal(untrained.model.norm.weight, trained.model.norm.weight)  # the good steps did update
 
 
-def test_metrics_checkpoints_and_config_are_written(tmp_path):
+def test_metrics_checkpoints_and_config_are_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "peak_flops", lambda device, dtype: 2e12)  # a pretend 2 TFLOP/s device: MFU
     result = loop.train(small_config(tmp_path, "checkpointing.keep_last=1"), log=lambda *_: None)
     run = tmp_path / "run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 13))
     assert all(r["tokens_per_s"] > 0 and r["supervised_tokens_per_s"] > 0 and r["lr"] >= 0 for r in steps)
+    assert all(r["mfu"] == pytest.approx(r["tflops_per_s_per_device"] / 2) for r in steps)
+    assert all(0 < r["tflops_per_s_per_device"] < 1 for r in steps)  # a 2-core CPU, a 0.4M-parameter model
+    assert result.plot == run / "loss.png" and (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    events = accumulator.EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert logged == [(r["step"], pytest.approx(r["loss"])) for r in steps]
     assert steps[1]["lr"] > steps[0]["lr"] > 0 and steps[-1]["lr"] < steps[2]["lr"]  # warmup, then decay
     assert any("eval_loss" in r for r in records) and result.eval_loss is not None
     assert [p.name for p in ckpt.checkpoints(run)] == ["checkpoint-12"]  # keep_last=1

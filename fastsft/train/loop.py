@@ -6,12 +6,14 @@ One optimizer step, as DESIGN.md lays it out:
    count is summed before the first forward (one all-reduce when distributed), on device.
 2. Each micro-batch's loss is a SUM over its supervised tokens divided by that step-wide count
    (`num_items_in_batch`), so gradient accumulation and rank count do not change the gradients.
-3. Backward through fastsft's ops, clip, a NaN/inf guard (a non-finite gradient norm skips the step and is
-   counted; too many stop the run with a clear message), AdamW, the LR schedule. The guard reads the grad
-   norm on the host: one small sync per step (losses are read only on log steps).
-4. Metrics every `logging.every_steps` (loss, lr, grad norm, real and supervised tokens/s, peak memory) to
-   the progress bar and `metrics.jsonl`; eval (held-out loss, exact match) every `eval.every_steps`;
-   atomic checkpoints every `checkpointing.every_steps` and at the end.
+3. Backward through fastsft's ops, clip, a NaN/inf guard (a non-finite global gradient norm skips the step
+   and is counted; too many in a row stop the run with a clear message), AdamW, the LR schedule. The guard
+   reads the grad norm on the host: one small sync per step (losses are read only on log steps).
+4. Metrics every `logging.every_steps` (loss, lr, grad norm, real and supervised tokens/s, MFU, peak memory)
+   to the progress bar, `metrics.jsonl` and TensorBoard (metrics.py); eval (held-out loss, exact match) every
+   `eval.every_steps`; atomic checkpoints every `checkpointing.every_steps` and at the end; a loss-curve PNG.
+
+Several processes (torchrun): FSDP2 or DDP, see distributed.py; rank 0 tokenizes first and alone writes.
 
 Precision: with dtype "bf16" the weights and AdamW states stay fp32 (master weights) and forward/backward
 run under bf16 autocast; "fp32" is fp32 throughout ("auto": bf16 on a CUDA device that supports it).
@@ -36,6 +38,7 @@ from fastsft.data import PackedLoader, prepare_dataset
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .distributed import Distributed, clip_grad_norm, fingerprint
+from .metrics import FlopCounter, MetricsLogger, model_flops_utilization, peak_flops, plot_loss_curves
 
 # Sizes of the built-in synthetic data (the default job); eval uses the held-out split.
 SYNTHETIC_TRAIN_RECORDS = 8000
@@ -54,6 +57,7 @@ class TrainResult:
     skipped_steps: int = 0
     losses: list[float] = field(default_factory=list)
     samples: list[tuple[str, str, str]] = field(default_factory=list)  # (question, expected, generated)
+    plot: Path | None = None  # the loss-curve PNG
 
 
 # --------------------------------------------------------------------------------------------------
@@ -257,20 +261,6 @@ def exact_match(model, tokenizer, items, device, max_new_tokens: int = 12) -> tu
     return score_exact_match(predictions, [answer for _, answer in items]), predictions
 
 
-class _Metrics:
-    def __init__(self, run_dir: Path, enabled: bool):
-        self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
-
-    def write(self, record: dict) -> None:
-        if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-
-
 def _progress(enabled: bool, total: int, initial: int):
     if not enabled:
         return None
@@ -360,6 +350,9 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
 
     model.to(device)
     model.train()
+    count_flops = FlopCounter.from_model(model)  # from the nn.Linear shapes, before sharding
+    full_backward = not config.lora.enabled  # frozen weights get no weight gradient: 4N instead of 6N per token
+    peak = peak_flops(device, compute_dtype)  # FLOP/s of one device; None on CPU / unknown GPUs: no MFU
     model = dist.wrap(model)
     optimizer = _optimizer(model, config, device)
     scheduler = _schedule(optimizer, config, total_steps)
@@ -372,15 +365,18 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
     def save() -> Path:
         return _save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, position, config, dist)
 
-    metrics = _Metrics(run_dir, config.logging.jsonl and dist.is_main)
+    metrics = MetricsLogger(run_dir, config.logging.jsonl, config.logging.tensorboard, enabled=dist.is_main,
+                            resume_step=position.step if resume_from is not None else None)  # fmt: skip
     bar = _progress(config.logging.progress_bar and dist.is_main, total_steps, position.step)
-    window = {"steps": 0, "tokens": 0, "supervised": 0, "time": time.perf_counter()}
+    window = {"steps": 0, "tokens": 0, "supervised": 0, "flops": 0, "time": time.perf_counter()}
     pending_losses: list[torch.Tensor] = []
     consecutive_skips = 0
     trainable = [p for p in model.parameters() if p.requires_grad]
     try:
         while position.step < total_steps:
             for step_batches in loader.steps(position.epoch, start_step=position.step_in_epoch):
+                window["flops"] += sum(count_flops(mb.cu_seqlens.diff(), full_backward=full_backward)
+                                       for mb in step_batches)  # host-side lengths: no sync  # fmt: skip
                 step_loss, tokens, supervised = _forward_backward(model, step_batches, device, autocast_dtype, dist)
                 grad_norm = clip_grad_norm(trainable, config.optimizer.grad_clip)
                 if not torch.isfinite(grad_norm):  # the same decision on every rank: the norm is global
@@ -411,10 +407,12 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
                     bar.update(1)
                 if position.step % config.logging.every_steps == 0 or position.step == total_steps:
                     # The one host sync (and, distributed, the one all-reduce) of the window's numbers.
-                    counts = [float(window["tokens"]), float(window["supervised"])]
-                    summed = torch.cat([torch.stack(pending_losses), torch.tensor(counts, device=device)])
-                    summed = dist.all_reduce_sum(summed.double()).tolist()
-                    values, (tokens_all, supervised_all) = [v / dist.world_size for v in summed[:-2]], summed[-2:]
+                    counts = [float(window["tokens"]), float(window["supervised"]), float(window["flops"])]
+                    summed = torch.cat([torch.stack(pending_losses).double(),
+                                        torch.tensor(counts, device=device, dtype=torch.float64)])  # fmt: skip
+                    summed = dist.all_reduce_sum(summed).tolist()
+                    values = [v / dist.world_size for v in summed[:-3]]
+                    tokens_all, supervised_all, flops_all = summed[-3:]
                     pending_losses.clear()
                     result.losses.extend(values)
                     if bar is not None:
@@ -427,10 +425,12 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
                         "grad_norm": float(grad_norm),
                         "tokens_per_s": tokens_all / elapsed,
                         "supervised_tokens_per_s": supervised_all / elapsed,
+                        "tflops_per_s_per_device": flops_all / elapsed / dist.world_size / 1e12,
+                        "mfu": model_flops_utilization(flops_all / dist.world_size, elapsed, peak),
                         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
                         "skipped_steps": position.skipped_steps,
                     })  # fmt: skip
-                    window = {"steps": 0, "tokens": 0, "supervised": 0, "time": time.perf_counter()}
+                    window = {"steps": 0, "tokens": 0, "supervised": 0, "flops": 0, "time": time.perf_counter()}
                 if eval_loader is not None and config.eval.every_steps and position.step % config.eval.every_steps == 0:
                     result.eval_loss = evaluate_loss(
                         model, eval_loader, device, autocast_dtype, config.eval.max_batches, dist
@@ -447,6 +447,8 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
     finally:
         if bar is not None:
             bar.close()
+        if sys.exc_info()[0] is not None:
+            metrics.close()  # flush TensorBoard on the way out of a crash (metrics.jsonl is flushed per line)
 
     if eval_loader is not None:
         result.eval_loss = evaluate_loss(model, eval_loader, device, autocast_dtype, config.eval.max_batches, dist)
@@ -461,6 +463,10 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
             result.samples.append((messages[-1]["content"], answer, predicted))
     dist.barrier()
     metrics.close()
+    if dist.is_main and config.logging.jsonl and config.logging.plot:
+        result.plot = plot_loss_curves(
+            run_dir / "metrics.jsonl", run_dir / "loss.png", required=config.logging.plot is True
+        )
     result.steps = position.step
     result.skipped_steps = position.skipped_steps
     result.final_loss = result.losses[-1] if result.losses else None
@@ -515,5 +521,6 @@ def _resume_checkpoint(config: TrainConfig, run_dir: Path) -> Path | None:
 def _jsonable(result: TrainResult) -> dict:
     data = asdict(result)
     data["run_dir"] = str(result.run_dir)
+    data["plot"] = None if result.plot is None else str(result.plot)
     data["losses"] = [round(x, 6) for x in result.losses]
     return data

@@ -1,0 +1,501 @@
+"""Using a trained checkpoint: load it, chat with it, evaluate it, merge a LoRA adapter into its base.
+
+    model, tokenizer = load_checkpoint("runs/x/checkpoint-2000")          # patched with fastsft, device auto
+    reply = generate_reply(model, tokenizer, [{"role": "user", "content": "What is 23 + 41?"}])
+    result = evaluate_checkpoint("runs/x/checkpoint-2000", config)       # held-out loss (+ exact match)
+    merge_lora("runs/x/checkpoint-2000", "merged/")                      # plain HF model, no PEFT needed
+
+These are what `fastsft generate | eval | merge` run (fastsft/cli.py).
+
+A checkpoint is a directory holding either full weights (config.json + model*.safetensors, as written by
+`fastsft train` or `merge_lora`, or any local HF model directory) or a PEFT LoRA adapter (adapter_config.json
++ adapter_model.safetensors). A LoRA checkpoint does not contain its base model: fastsft.json names it
+("tiny": the built-in preset, rebuilt bit-exactly from the recorded seed; else a local HF directory), and
+`base=` overrides that. Everything loads from local files only, safetensors only, without remote code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+import fastsft
+
+from . import checkpoint as ckpt
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked: the message names the path and what to do."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint directory holds: `lora` True for a PEFT adapter, `meta` its fastsft.json ({} if none)."""
+
+    path: Path
+    lora: bool
+    meta: dict
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
+    """Classify `path` as a full-weights or LoRA checkpoint; CheckpointError if it is neither."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory (no such directory)")
+    if (path / "adapter_config.json").is_file():
+        if not (path / "adapter_model.safetensors").is_file():
+            raise CheckpointError(f"{path}: LoRA checkpoint without adapter_model.safetensors (incomplete?)")
+        return CheckpointInfo(path, True, ckpt.load_meta(path))
+    if (path / "config.json").is_file() and any(path.glob("model*.safetensors")):
+        return CheckpointInfo(path, False, ckpt.load_meta(path))
+    hint = ""
+    found = ckpt.checkpoints(path)
+    if found:  # the run directory was given instead of one of its checkpoints
+        hint = f"; it is a run directory, its newest checkpoint is {found[-1]}"
+    raise CheckpointError(
+        f"{path}: not a checkpoint directory (neither config.json with model*.safetensors nor a LoRA "
+        f"adapter_config.json){hint}"
+    )
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The weights dtype for `dtype`: "auto" or None is bf16 on a CUDA device that supports it (inference needs
+    no fp32 master weights), else fp32; "fp32", "bf16", "fp16" or a torch.dtype as given."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be auto, {', '.join(_DTYPES)} or a torch.dtype, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def _peft(path: Path):
+    try:
+        import peft
+    except ImportError:
+        raise CheckpointError(f"{path} is a LoRA checkpoint: using it needs PEFT (pip install peft)") from None
+    return peft
+
+
+def _load_full(path: Path, *, trust_remote_code: bool = False):
+    """AutoModelForCausalLM (fp32) + AutoTokenizer from a local HF directory, safetensors only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=torch.float32
+        )
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot be loaded as a Hugging Face causal LM: {exc}") from exc
+    return model, tokenizer
+
+
+def _load_base(info: CheckpointInfo, base: str | os.PathLike | None, *, trust_remote_code: bool = False):
+    """The base model (fp32) and tokenizer a LoRA checkpoint was trained on: `base`, else fastsft.json's."""
+    if base is None:
+        base = info.meta.get("base_model")
+        if base is None:
+            raise CheckpointError(
+                f"{info.path}: LoRA checkpoint without fastsft.json naming its base model; pass --base DIR "
+                "(the model directory the adapter was trained on)"
+            )
+        source = f"recorded in {info.path / ckpt.META_FILE}"
+    else:
+        source = "given with --base"
+    if os.fspath(base) == "tiny":
+        from .tiny import tiny_model, tiny_tokenizer
+
+        # The preset's weights are a pure function of the seed: this rebuilds the exact base of the run.
+        return tiny_model(seed=int(info.meta.get("seed", 0))), tiny_tokenizer(), "tiny"
+    base_dir = Path(base)
+    if not base_dir.is_dir():
+        raise CheckpointError(
+            f"{info.path}: base model directory {os.fspath(base)!r} ({source}) does not exist; "
+            "pass --base DIR to point at it"
+        )
+    model, tokenizer = _load_full(base_dir, trust_remote_code=trust_remote_code)
+    return model, tokenizer, os.fspath(base_dir)
+
+
+def _checkpoint_tokenizer(info: CheckpointInfo, fallback, *, trust_remote_code: bool = False):
+    """The tokenizer saved with a LoRA checkpoint (it carries the run's chat template), else the base's."""
+    if not (info.path / "tokenizer_config.json").is_file():
+        return fallback
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(info.path, local_files_only=True, trust_remote_code=trust_remote_code)
+
+
+def _load_unpatched(path, *, base=None, trust_remote_code: bool = False):
+    """(model in fp32 on CPU, tokenizer, info, base name or None): a LoRA checkpoint as a PeftModel."""
+    info = inspect_checkpoint(path)
+    if not info.lora:
+        if base is not None:
+            raise CheckpointError(f"{info.path}: --base applies to LoRA checkpoints only; this one holds full weights")
+        model, tokenizer = _load_full(info.path, trust_remote_code=trust_remote_code)
+        return model, tokenizer, info, None
+    peft = _peft(info.path)
+    base_model, base_tokenizer, base_name = _load_base(info, base, trust_remote_code=trust_remote_code)
+    model = peft.PeftModel.from_pretrained(base_model, info.path, is_trainable=False)
+    tokenizer = _checkpoint_tokenizer(info, base_tokenizer, trust_remote_code=trust_remote_code)
+    return model, tokenizer, info, base_name
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    base: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = "auto",
+    patch: bool = True,
+    trust_remote_code: bool = False,
+):
+    """(model, tokenizer) of a checkpoint, in eval mode on `device` (None: CUDA if available, else CPU).
+
+    Full weights load with AutoModelForCausalLM; a LoRA checkpoint is its base model (`base`, else the one in
+    fastsft.json) with the adapter attached (a peft.PeftModel, not merged). dtype: "auto" (bf16 on CUDA, fp32
+    on CPU), "fp32", "bf16", "fp16" or a torch.dtype. patch: apply `fastsft.patch` (all kernels).
+    Raises CheckpointError (a ValueError) naming the path when the checkpoint or its base cannot be used.
+    """
+    model, tokenizer, _, _ = _load_unpatched(path, base=base, trust_remote_code=trust_remote_code)
+    device = torch.device(device) if device is not None else default_device()
+    model.to(device=device, dtype=resolve_dtype(dtype, device))
+    model.eval()
+    if patch:
+        fastsft.patch(model)
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------------
+
+
+def _stop_token_ids(model, tokenizer, prompt: str) -> list[int]:
+    """Every id that ends a reply: the generation config's EOS ids, the tokenizer's EOS, and ChatML's
+    <|im_end|> when the prompt is ChatML (a base model fine-tuned on ChatML may not call it EOS)."""
+    ids: list[int] = []
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in [*(eos if isinstance(eos, (list, tuple)) else [eos]), tokenizer.eos_token_id]:
+        if value is not None and value not in ids:
+            ids.append(int(value))
+    if "<|im_end|>" in prompt:
+        im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end not in ids:
+            ids.append(im_end)
+    return ids
+
+
+def render_prompt(tokenizer, messages: list[dict], chat_template: str | None = None) -> str:
+    """The conversation rendered with the chat template the model was trained with, ending in the assistant's
+    generation prompt: `chat_template` (the run's data.chat_template), else the tokenizer's, else ChatML."""
+    from fastsft.data.templates import resolve_chat_template
+
+    template = resolve_chat_template(tokenizer, chat_template)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, chat_template=template)
+
+
+@torch.no_grad()
+def generate_reply(
+    model,
+    tokenizer,
+    messages: list[dict],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    chat_template: str | None = None,
+) -> str:
+    """The assistant's next reply to `messages` ([{"role", "content"}, ...], ending with a user turn).
+
+    temperature 0 is greedy decoding (deterministic); > 0 samples with that temperature and nucleus `top_p`
+    (seed torch for reproducible samples). The reply is decoded without special tokens and stops at EOS or
+    after `max_new_tokens` tokens."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}")
+    prompt = render_prompt(tokenizer, messages, chat_template)
+    device = next(model.parameters()).device
+    # The rendered template already carries its BOS: add_special_tokens=False keeps it from being doubled.
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=device)
+    stop = _stop_token_ids(model, tokenizer, prompt)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
+    if not sampling:
+        sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}  # silence sampling warnings
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop[0] if stop else None)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stop or None,
+        pad_token_id=pad,
+        **sampling,
+    )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def chat(
+    model,
+    tokenizer,
+    *,
+    system: str | None = None,
+    input=None,
+    output=None,
+    **generation,
+) -> list[dict]:
+    """An interactive multi-turn chat: each line read from `input` (default stdin) is a user turn, answered with
+    the whole conversation so far as context. "/reset" forgets the conversation (the system prompt stays),
+    "/exit" or end of input ends it. `generation`: generate_reply's keyword arguments. Returns the messages."""
+    input = sys.stdin if input is None else input
+    output = sys.stdout if output is None else output
+    interactive = hasattr(input, "isatty") and input.isatty()
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    if interactive:
+        print("fastsft chat: type a message; /reset clears the conversation, /exit or Ctrl-D ends.", file=output)
+    while True:
+        if interactive:
+            print("> ", end="", file=output, flush=True)
+        line = input.readline()
+        if not line:  # end of input
+            break
+        text = line.rstrip("\n")
+        if text.strip() == "/exit":
+            break
+        if text.strip() == "/reset":
+            messages = list(start)
+            print("(conversation cleared)", file=output, flush=True)
+            continue
+        if not text.strip():
+            continue
+        messages.append({"role": "user", "content": text})
+        reply = generate_reply(model, tokenizer, messages, **generation)
+        messages.append({"role": "assistant", "content": reply})
+        print(reply, file=output, flush=True)
+    return messages
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    checkpoint: str
+    eval_data: str
+    loss: float | None  # mean loss per supervised token of the held-out data
+    perplexity: float | None
+    micro_batches: int  # how many held-out micro-batches the loss covers
+    exact_match: float | None = None  # share of greedy replies equal to the reference (synthetic data only)
+    exact_match_items: int = 0
+    samples: list[dict] = field(default_factory=list)  # {"question", "expected", "generated"}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        lines = [f"checkpoint: {self.checkpoint}", f"eval data: {self.eval_data}"]
+        if self.loss is None:
+            lines.append("held-out loss: n/a (no supervised tokens)")
+        else:
+            lines.append(
+                f"held-out loss: {self.loss:.4f} per supervised token (perplexity {self.perplexity:.3f}, "
+                f"{self.micro_batches} micro-batches)"
+            )
+        if self.exact_match is not None:
+            lines.append(f"held-out exact match: {self.exact_match:.1%} of {self.exact_match_items} questions")
+        for sample in self.samples:
+            lines.append(f"  Q: {sample['question']!r}  expected {sample['expected']!r}  model {sample['generated']!r}")
+        return "\n".join(lines)
+
+
+def run_config_path(checkpoint: str | os.PathLike) -> Path | None:
+    """The config.yaml of the run that wrote `checkpoint` (in its parent directory), if there is one."""
+    from .config import CONFIG_FILE_NAME
+
+    path = Path(checkpoint).parent / CONFIG_FILE_NAME
+    return path if path.is_file() else None
+
+
+def run_chat_template(checkpoint: str | os.PathLike) -> str | None:
+    """The data.chat_template of the run that wrote `checkpoint` (None: the tokenizer's own was used, or there
+    is no readable run config.yaml). Training renders with it, so generation must too."""
+    from .config import ConfigError, load_config
+
+    path = run_config_path(checkpoint)
+    if path is None:
+        return None
+    try:
+        return load_config(path).data.chat_template
+    except ConfigError:
+        return None  # a config this version cannot read: fall back to the tokenizer's template
+
+
+def _eval_dataset(config, tokenizer, source: str):
+    """The held-out dataset exactly as `fastsft train` prepares it (loop._datasets' settings), without also
+    tokenizing the training set."""
+    from fastsft.data import prepare_dataset
+
+    from . import loop
+
+    if source == "synthetic":
+        from .synthetic import synthetic_records
+
+        source = synthetic_records(loop.SYNTHETIC_EVAL_RECORDS, seed=config.seed, split="heldout")
+    return prepare_dataset(
+        source,
+        tokenizer,
+        max_seq_len=config.data.max_seq_len,
+        format=config.data.format,
+        chat_template=config.data.chat_template,
+        train_on_inputs=config.data.train_on_inputs,
+        assistant_turns=config.data.assistant_turns,
+        truncation=config.data.truncation,
+        on_bad_record=config.data.on_bad_record,
+        cache_dir=config.data.cache_dir,
+    )
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, config, *, base=None, device=None) -> EvalResult:
+    """Held-out loss of a checkpoint on `config`'s data.eval (data.eval "auto" means synthetic when data.train
+    is) and, when that is the synthetic data and eval.exact_match is on, exact match of greedy replies.
+
+    Computed as `fastsft train` does at the end of a run: the same data settings, packing.max_tokens,
+    eval.max_batches (null: all), model.dtype (fp32 weights, bf16 autocast on CUDA for "auto") and kernels.
+    The synthetic items are drawn from config.seed as in training, so use the run's own config.
+    """
+    from fastsft.data import PackedLoader
+
+    from . import loop
+    from .synthetic import exact_match_items
+
+    source = config.data.eval_source
+    if source is None:
+        raise CheckpointError(
+            f"{checkpoint}: no evaluation data: data.eval is null (or auto with a file as data.train); "
+            "set data.eval=FILE or data.eval=synthetic"
+        )
+    device = torch.device(device) if device is not None else default_device()
+    model, tokenizer, _, _ = _load_unpatched(checkpoint, base=base, trust_remote_code=config.model.trust_remote_code)
+    kernels = config.kernels
+    fastsft.patch(model, rms_norm=kernels.rms_norm, rope=kernels.rope, swiglu=kernels.swiglu,
+                  attention=kernels.attention, cross_entropy=kernels.cross_entropy)  # fmt: skip
+    model.to(device)  # fp32 weights, as in training: the loss is the one the run reported
+    model.eval()
+    compute = loop._compute_dtype(config, device)
+    autocast = compute if compute != torch.float32 else None
+
+    data = _eval_dataset(config, tokenizer, source)
+    loader = PackedLoader(data, max_tokens=config.packing.max_tokens)
+    loss = loop.evaluate_loss(model, loader, device, autocast, config.eval.max_batches)
+    available = sum(len(step) for step in loader.steps(0))
+    result = EvalResult(
+        checkpoint=os.fspath(checkpoint),
+        eval_data=source,
+        loss=loss,
+        perplexity=math.exp(loss) if loss is not None and loss < 700 else (math.inf if loss is not None else None),
+        micro_batches=available if config.eval.max_batches is None else min(config.eval.max_batches, available),
+    )
+    if source == "synthetic" and config.eval.exact_match:
+        items = exact_match_items(loop.EXACT_MATCH_ITEMS, seed=config.seed + 1)  # the run's items (loop.train)
+        result.exact_match, predictions = loop.exact_match(model, tokenizer, items, device)
+        result.exact_match_items = len(items)
+        for (messages, answer), predicted in list(zip(items, predictions, strict=True))[: config.eval.samples]:
+            result.samples.append({"question": messages[-1]["content"], "expected": answer, "generated": predicted})
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Merging
+# --------------------------------------------------------------------------------------------------
+
+
+def merge_lora(
+    checkpoint: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    base: str | os.PathLike | None = None,
+    force: bool = False,
+    dtype: str | torch.dtype | None = "auto",
+) -> Path:
+    """Fold a LoRA checkpoint's adapter into its base weights (W + scale * B @ A, PEFT's merge_and_unload) and
+    write a plain Hugging Face model directory (safetensors, config, generation config, tokenizer, fastsft.json)
+    that AutoModelForCausalLM loads without PEFT. Returns output_dir.
+
+    base: the base model directory (default: fastsft.json's base_model). The merge runs in fp32; dtype "auto"
+    saves in the base's own dtype (its config.json's, fp32 for the tiny preset), else "fp32"/"bf16"/"fp16".
+    An existing non-empty output_dir is refused unless force=True (then replaced). Written into a temporary
+    sibling directory and renamed into place, so an interrupted merge never leaves a half-written model.
+    """
+    info = inspect_checkpoint(checkpoint)
+    if not info.lora:
+        raise CheckpointError(
+            f"{info.path}: holds full weights, not a LoRA adapter: there is nothing to merge (it already loads "
+            "with AutoModelForCausalLM.from_pretrained)"
+        )
+    output_dir = Path(output_dir)
+    if output_dir.resolve() == info.path.resolve():
+        raise CheckpointError(f"{output_dir}: the output directory must not be the checkpoint itself")
+    if output_dir.exists():
+        if not output_dir.is_dir():
+            raise CheckpointError(f"{output_dir}: exists and is not a directory")
+        if any(output_dir.iterdir()) and not force:
+            raise CheckpointError(f"{output_dir}: exists and is not empty; pass --force to replace it")
+
+    model, tokenizer, info, base_name = _load_unpatched(info.path, base=base)
+    saved_dtype = _stored_dtype(base_name) if dtype in (None, "auto") else resolve_dtype(dtype, None)
+    merged = model.merge_and_unload(safe_merge=True)  # safe_merge: refuse NaNs instead of writing them
+    merged.to(saved_dtype)
+    template = run_chat_template(info.path)
+    if template is not None:  # the run trained with its own template: ship it with the merged model
+        tokenizer.chat_template = template
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = output_dir.parent / f".{output_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        merged.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        meta = {"base_model": base_name, "seed": info.meta.get("seed"), "lora": False,
+                "merged_from": os.fspath(info.path), "fastsft_version": fastsft.__version__}  # fmt: skip
+        (staging / ckpt.META_FILE).write_text(json.dumps(meta, indent=1))
+        if output_dir.exists():
+            retired = output_dir.parent / f".{output_dir.name}.retired-{os.getpid()}"
+            os.replace(output_dir, retired)
+            shutil.rmtree(retired, ignore_errors=True)
+        os.replace(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output_dir
+
+
+def _stored_dtype(base_name: str) -> torch.dtype:
+    """The dtype a base model is stored in: its config.json's "dtype" ("torch_dtype" before transformers 5),
+    fp32 for the tiny preset or when it says nothing. Read from the file: the loaded model is fp32 by now."""
+    if base_name == "tiny":
+        return torch.float32
+    try:
+        config = json.loads((Path(base_name) / "config.json").read_text())
+    except (OSError, ValueError):
+        return torch.float32
+    value = config.get("dtype") or config.get("torch_dtype")
+    value = getattr(torch, value, None) if isinstance(value, str) else None
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else torch.float32
