@@ -38,9 +38,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if main_process:
         print(format_config(config))
 
+    from fastsft.data import DataError
+    from fastsft.train.distributed import DistributedError
     from fastsft.train.loop import train
 
-    result = train(config)
+    who = "fastsft train" if "RANK" not in os.environ else f"fastsft train (rank {os.environ['RANK']})"
+    try:
+        result = train(config)
+    except (DataError, FileNotFoundError, DistributedError) as exc:  # what was given is wrong: one line, exit 2
+        print(f"{who}: {exc}", file=sys.stderr)
+        return 2
+    except FloatingPointError as exc:  # the NaN guard gave up; its message says what to try
+        print(f"{who}: {exc}", file=sys.stderr)
+        return 1
     if not main_process:
         return 0
     lines = [f"run directory: {result.run_dir}", f"steps: {result.steps}"]

@@ -167,3 +167,18 @@ def test_cli_config_error_exits_2_with_the_suggestion(capsys):
 
     assert main(["train", "optimizer.learning_rate=1e-4"]) == 2
     assert "did you mean 'optimizer.lr'" in capsys.readouterr().err
+
+
+def test_cli_bad_data_exits_2_naming_the_file_line_and_field(tmp_path, capsys):
+    from fastsft.cli import main
+
+    data = tmp_path / "train.jsonl"
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    bad = {"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "beep"}]}
+    data.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    args = ["train", f"data.train={data}", "data.eval=null", f"output_dir={tmp_path / 'run'}",
+            f"data.cache_dir={tmp_path / 'cache'}", "logging.progress_bar=false"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.jsonl:2" in err[0] and "messages[1].role" in err[0], err
+    assert not list((tmp_path / "run").glob("checkpoint-*"))

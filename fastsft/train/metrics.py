@@ -547,14 +547,16 @@ def metric_series(records: Sequence[dict]) -> dict[str, tuple[list[int], list[fl
 
 
 def _smoothed(values: list[float], span: float) -> list[float]:
-    """Exponential moving average with alpha = 2 / (span + 1), debiased like TensorBoard's smoothing (the first
-    points are not pulled towards zero)."""
-    alpha = 2.0 / (span + 1.0)
-    out, average, weight = [], 0.0, 0.0
-    for value in values:
-        average = (1 - alpha) * average + alpha * value
-        weight = (1 - alpha) * weight + alpha
-        out.append(average / weight)
+    """Centred moving average over about `span` points, the window shrinking symmetrically at the ends (so the
+    first and last points are the raw ones). Centred, not exponential: a trailing average lags a falling loss
+    curve and draws it above the raw points."""
+    half = max(0, int(span) // 2)
+    prefix = np.concatenate([[0.0], np.cumsum(np.asarray(values, dtype=np.float64))])
+    out = []
+    for i in range(len(values)):
+        reach = min(half, i, len(values) - 1 - i)
+        lo, hi = i - reach, i + reach + 1
+        out.append(float((prefix[hi] - prefix[lo]) / (hi - lo)))
     return out
 
 
