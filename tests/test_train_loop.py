@@ -182,3 +182,50 @@ def test_cli_bad_data_exits_2_naming_the_file_line_and_field(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train.jsonl:2" in err[0] and "messages[1].role" in err[0], err
     assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
+def _step_losses(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def test_a_local_model_directory_with_jsonl_data_trains_like_the_preset(tmp_path):
+    """model.name_or_path=<a local HF directory> (here the preset's own weights and tokenizer, saved) and
+    data.train=<a JSONL file> (the synthetic records, written out) give the preset's run exactly: loading, the
+    tokenizer round trip and the file source change nothing."""
+    model_dir = tmp_path / "model"
+    tiny_model(seed=0).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_records(300, seed=0, split="train")))
+    preset = small_config(tmp_path / "a", "schedule.max_steps=4", "data.eval=null")
+    local = small_config(tmp_path / "b", "schedule.max_steps=4", "data.eval=null", f"model.name_or_path={model_dir}",
+                         f"data.train={data}")  # fmt: skip
+    loop.train(preset, log=lambda *_: None)
+    loop.train(local, log=lambda *_: None)
+    assert _step_losses(tmp_path / "b" / "run") == _step_losses(tmp_path / "a" / "run")
+    assert len(_step_losses(tmp_path / "b" / "run")) == 4
+
+
+def test_activation_checkpointing_and_bf16_autocast(tmp_path, monkeypatch):
+    """Recomputing activations changes no number (fp32); bf16 autocast (fp32 master weights) tracks fp32."""
+    checkpointing = {}
+    original = loop._forward_backward
+
+    def spy(model, *args, **kwargs):
+        new_name = hasattr(type(model), "is_activation_checkpointing")  # transformers >= 5.x
+        checkpointing[current] = model.is_activation_checkpointing if new_name else model.is_gradient_checkpointing
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "_forward_backward", spy)
+    runs = {}
+    variants = {"plain": [], "ckpt": ["model.activation_checkpointing=true"], "bf16": ["model.dtype=bf16"]}
+    for current, extra in variants.items():
+        config = small_config(tmp_path / current, "schedule.max_steps=4", "data.eval=null", *extra)
+        loop.train(config, log=lambda *_: None)
+        runs[current] = _step_losses(tmp_path / current / "run")
+    assert checkpointing == {"plain": False, "ckpt": True, "bf16": False}
+    assert runs["ckpt"] == pytest.approx(runs["plain"], rel=1e-6)
+    assert runs["bf16"] == pytest.approx(runs["plain"], rel=2e-2) and runs["bf16"] != runs["plain"]
+    state = ckpt.load_trainer_state(tmp_path / "bf16" / "run" / "checkpoint-4")["optimizer"]["state"]
+    assert all(s["exp_avg"].dtype == torch.float32 for s in state.values())  # fp32 AdamW states

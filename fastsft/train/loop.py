@@ -305,7 +305,10 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
 
     model, tokenizer = _build_model(config)
     if config.model.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # the transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     with dist.main_first():  # rank 0 tokenizes and publishes the cache; the others then map it
         train_data, eval_data = _datasets(config, tokenizer)
