@@ -189,3 +189,26 @@ def test_ranks_with_different_data_stop_with_a_clear_error(tmp_path, cache):
     assert done.returncode != 0
     assert "the ranks disagree about the tokenized training data" in done.stderr
     assert not (tmp_path / "run" / "checkpoint-1").exists()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_weightless_copy_fsdp_shards_matches_the_real_model(tmp_path, lora):
+    """What ranks other than 0 build under FSDP: the same parameters, buffers and patches as rank 0's real model
+    (a local HF directory here), on the meta device: nothing read, nothing allocated."""
+    from fastsft.train.tiny import tiny_model
+
+    model_dir = tmp_path / "model"
+    tiny_model(seed=3).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    config = load_config(None, [f"model.name_or_path={model_dir}", f"lora.enabled={str(lora).lower()}"])
+    real, _ = loop._build_model(config)
+    skeleton, tokenizer = loop._build_model(config, device="meta")
+    shapes = {name: p.shape for name, p in real.named_parameters()}
+    assert {name: p.shape for name, p in skeleton.named_parameters()} == shapes
+    assert {name for name, _ in skeleton.named_buffers()} == {name for name, _ in real.named_buffers()}
+    assert all(p.is_meta for p in skeleton.parameters()) and not any(p.is_meta for p in real.parameters())
+    assert str(skeleton.fastsft_report) == str(real.fastsft_report)
+    assert [n for n, p in skeleton.named_parameters() if p.requires_grad] == [
+        n for n, p in real.named_parameters() if p.requires_grad
+    ]
+    assert tokenizer.vocab_size == tiny_tokenizer().vocab_size

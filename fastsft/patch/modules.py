@@ -12,6 +12,8 @@ Names, attributes and parameters are Hugging Face's, so state dicts load unchang
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -155,6 +157,8 @@ def _probe_activation(mlp: nn.Module) -> str:
     if not callable(act_fn):
         raise TypeError(f"GatedMLP.from_hf: {type(mlp).__name__} has no act_fn; pass activation=")
     device = mlp.gate_proj.weight.device
+    if device.type == "meta":  # act_fn holds no state: probe it on the CPU
+        device = torch.device("cpu")
     with torch.no_grad():
         g = torch.linspace(-6.0, 6.0, 241, dtype=torch.float32, device=device)
         out = act_fn(g).float()
@@ -219,6 +223,11 @@ def _norm_eps_and_weight(module: nn.Module) -> tuple[float, nn.Parameter]:
 def probe_norm(module: nn.Module) -> tuple[float, float]:
     """(eps, offset) of an HF RMSNorm module, the offset measured as in RMSNorm.from_hf."""
     eps, weight = _norm_eps_and_weight(module)
+    if weight.device.type == "meta":  # a model built on the meta device (sharded initialisation): probe a CPU copy
+        stand_in = copy.deepcopy(module).to_empty(device="cpu")
+        with torch.no_grad():
+            stand_in.weight.fill_(0.25)  # any finite weight tells x_hat * w from x_hat * (1 + w)
+        return eps, _probe_offset(stand_in, stand_in.weight, eps)
     return eps, _probe_offset(module, weight, eps)
 
 

@@ -150,6 +150,25 @@ class Distributed:
         fully_shard(model)
         return model
 
+    def materialize(self, model: nn.Module, source: nn.Module | None) -> None:
+        """Give a model sharded on the meta device (`wrap` of a weightless copy) its values: allocate this
+        rank's shards on `self.device`, then scatter rank 0's `source` (the whole model, on the CPU; None on
+        the other ranks) into them, and broadcast its buffers (e.g. RoPE tables: not in the state dict)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        if self.is_main and source is None:
+            raise ValueError("materialize: rank 0 needs the model holding the weights")
+        model.to_empty(device=self.device)
+        full = source.state_dict() if self.is_main else {}
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, full, options=options)
+        source_buffers = dict(source.named_buffers()) if self.is_main else {}
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                if self.is_main:
+                    buffer.copy_(source_buffers[name])
+                dist.broadcast(buffer, src=0)
+
     def unwrap(self, model: nn.Module) -> nn.Module:
         """The module whose state-dict keys are the model's own (DDP's `.module`; FSDP2 keeps the tree)."""
         return model.module if self.strategy == "ddp" and self.enabled else model

@@ -83,13 +83,18 @@ def _run_dir(config: TrainConfig) -> Path:
     return Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def load_model_and_tokenizer(config: TrainConfig):
-    """The model (fp32 master weights) and its tokenizer: the built-in tiny preset or a local HF directory."""
+def load_model_and_tokenizer(config: TrainConfig, *, device: str | None = None):
+    """The model (fp32 master weights) and its tokenizer: the built-in tiny preset or a local HF directory.
+
+    device="meta": the architecture only, no weights read or initialised (FSDP's sharded initialisation:
+    the weights then come from rank 0, see Distributed.materialize)."""
+    meta = device == "meta"
     if config.model.name_or_path == "tiny":
         from .tiny import tiny_model, tiny_tokenizer
 
-        return tiny_model(seed=config.seed), tiny_tokenizer()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+        with torch.device("meta") if meta else nullcontext():
+            return tiny_model(seed=config.seed), tiny_tokenizer()
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(config.model.name_or_path)
     if not path.is_dir():
@@ -100,6 +105,11 @@ def load_model_and_tokenizer(config: TrainConfig):
         )
     trust = config.model.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust)
+    if meta:
+        model_config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust, dtype=torch.float32)
+        return model, tokenizer
     model = AutoModelForCausalLM.from_pretrained(
         path, local_files_only=True, trust_remote_code=trust, dtype=torch.float32, use_safetensors=True
     )
@@ -283,10 +293,12 @@ def train(config: TrainConfig, *, log=print) -> TrainResult:
         dist.close()
 
 
-def _build_model(config: TrainConfig):
-    """(patched model in fp32 on the CPU, tokenizer): the preset or local model, LoRA adapters, fastsft.patch."""
-    model, tokenizer = load_model_and_tokenizer(config)
-    model = _apply_lora(model, config)
+def _build_model(config: TrainConfig, *, device: str | None = None):
+    """(patched model in fp32 on the CPU, or weightless on device="meta"; tokenizer): the preset or local
+    model, LoRA adapters, fastsft.patch."""
+    model, tokenizer = load_model_and_tokenizer(config, device=device)
+    with torch.device("meta") if device == "meta" else nullcontext():
+        model = _apply_lora(model, config)
     kernels = config.kernels
     fastsft.patch(model, rms_norm=kernels.rms_norm, rope=kernels.rope, swiglu=kernels.swiglu,
                   attention=kernels.attention, cross_entropy=kernels.cross_entropy)  # fmt: skip
@@ -303,7 +315,16 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
         run_dir.mkdir(parents=True, exist_ok=True)
         config.dump(run_dir)
 
-    model, tokenizer = _build_model(config)
+    # FSDP: only rank 0 holds the whole model's weights (on the CPU); every rank shards a weightless copy and
+    # receives its shards from rank 0, so CPU memory holds one model, not one per process.
+    sharded_init = dist.enabled and dist.strategy == "fsdp"
+    weights = None  # the model whose weights training starts from: every rank's own, or rank 0's alone
+    if dist.is_main or not sharded_init:
+        weights, tokenizer = _build_model(config)
+    model = weights
+    if sharded_init:
+        model, skeleton_tokenizer = _build_model(config, device="meta")
+        tokenizer = tokenizer if weights is not None else skeleton_tokenizer
     if config.model.activation_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # the transformers >= 5.x name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -335,7 +356,8 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
     resume_from = _resume_checkpoint(config, run_dir)
     state = None
     if resume_from is not None:
-        ckpt.load_model_weights(model, resume_from)  # into the whole model, before it is sharded
+        if weights is not None:
+            ckpt.load_model_weights(weights, resume_from)  # into the whole model, before it is sharded
         state = ckpt.load_trainer_state(resume_from)
         position = ckpt.Position(**state["position"])
         log(f"resumed from {resume_from} at step {position.step}")
@@ -347,16 +369,21 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
 
         items = exact_match_items(EXACT_MATCH_ITEMS, seed=config.seed + 1)
         if position.step == 0 and dist.is_main:  # before sharding: rank 0 generates alone
-            result.exact_match_before, _ = exact_match(model.to(device), tokenizer, items, device)
+            result.exact_match_before, _ = exact_match(weights.to(device), tokenizer, items, device)
+            weights.cpu()
             log(f"held-out exact match before training: {result.exact_match_before:.1%}")
         dist.barrier()
 
-    model.to(device)
-    model.train()
     count_flops = FlopCounter.from_model(model)  # from the nn.Linear shapes, before sharding
     full_backward = not config.lora.enabled  # frozen weights get no weight gradient: 4N instead of 6N per token
     peak = peak_flops(device, compute_dtype)  # FLOP/s of one device; None on CPU / unknown GPUs: no MFU
-    model = dist.wrap(model)
+    if sharded_init:
+        model = dist.wrap(model)
+        dist.materialize(model, weights)  # allocate this rank's shards on the device, fill them from rank 0
+    else:
+        model = dist.wrap(model.to(device))
+    del weights
+    model.train()
     optimizer = _optimizer(model, config, device)
     scheduler = _schedule(optimizer, config, total_steps)
     if state is not None:
