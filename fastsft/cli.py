@@ -39,13 +39,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(format_config(config))
 
     from fastsft.data import DataError
+    from fastsft.train.checkpoint import ResumeError
     from fastsft.train.distributed import DistributedError
     from fastsft.train.loop import train
 
     who = "fastsft train" if "RANK" not in os.environ else f"fastsft train (rank {os.environ['RANK']})"
     try:
         result = train(config)
-    except (DataError, FileNotFoundError, DistributedError) as exc:  # what was given is wrong: one line, exit 2
+    except (DataError, FileNotFoundError, DistributedError, ResumeError) as exc:  # bad input: one line, exit 2
         print(f"{who}: {exc}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:  # the NaN guard gave up; its message says what to try

@@ -45,7 +45,7 @@ SPEC_KEYS = {
     "checkpointing": ["every_steps", "keep_last", "resume"],
     "logging": ["every_steps", "jsonl", "tensorboard", "progress_bar", "plot"],
     "eval": ["every_steps", "max_batches", "exact_match", "samples"],
-    "distributed": ["strategy", "grad_accum"],
+    "distributed": ["strategy", "grad_accum", "timeout_minutes"],
     "nan_guard": ["max_skipped_steps"],
 }
 

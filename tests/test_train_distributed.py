@@ -40,7 +40,7 @@ def overrides(run_dir: Path, cache: Path, *extra: str) -> list[str]:
         "logging.every_steps=1",
         "logging.progress_bar=false",
         "eval.every_steps=2",
-        "eval.max_batches=null",  # all of it: 2 ranks' halves sum to the 1-process whole
+        "eval.max_batches=3",  # odd: rank 1 runs a discarded repeat; the 3 micro-batches are the same on 1 rank
         "eval.exact_match=true",
         *extra,
     ]
@@ -131,6 +131,10 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     assert final.keys() == expected_final.keys()
     for name in expected_final:
         torch.testing.assert_close(final[name], expected_final[name], rtol=1e-4, atol=1e-6, msg=name)
+    for step in (1, 3):  # token counters are global (every rank's), not rank 0's
+        counts = [json.loads((d / f"checkpoint-{step}" / ckpt.STATE_JSON).read_text()) for d in (run_dir, reference)]
+        assert counts[0]["tokens"] == counts[1]["tokens"] > 0
+        assert counts[0]["supervised_tokens"] == counts[1]["supervised_tokens"] > 0
     result, expected_result = (json.loads((d / "result.json").read_text()) for d in (run_dir, reference))
     assert result["exact_match_after"] == expected_result["exact_match_after"]
     assert len(result["samples"]) == len(expected_result["samples"]) > 0
@@ -212,3 +216,17 @@ def test_the_weightless_copy_fsdp_shards_matches_the_real_model(tmp_path, lora):
         n for n, p in real.named_parameters() if p.requires_grad
     ]
     assert tokenizer.vocab_size == tiny_tokenizer().vocab_size
+
+
+def test_fsdp_in_bf16_tracks_one_process(tmp_path, cache, one_process_runs):
+    """model.dtype=bf16 under FSDP: parameters all-gathered in bf16 (MixedPrecisionPolicy), gradients reduced
+    in fp32, fp32 master shards; the losses track 1 process's bf16 autocast run."""
+    run_dir = tmp_path / "run"
+    torchrun(2, overrides(run_dir, cache, "distributed.strategy=fsdp", "model.dtype=bf16"))
+    reference = one_process_runs("model.dtype=bf16")
+    losses, expected = metrics(run_dir, "loss"), metrics(reference, "loss")
+    assert sorted(losses) == sorted(expected) == [1, 2, 3]
+    for step in expected:
+        assert losses[step] == pytest.approx(expected[step], rel=2e-2), step
+    final = weights(run_dir / "checkpoint-3")
+    assert all(t.dtype == torch.float32 for t in final.values())  # the master weights are saved

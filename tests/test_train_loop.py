@@ -229,3 +229,149 @@ def test_activation_checkpointing_and_bf16_autocast(tmp_path, monkeypatch):
     assert runs["bf16"] == pytest.approx(runs["plain"], rel=2e-2) and runs["bf16"] != runs["plain"]
     state = ckpt.load_trainer_state(tmp_path / "bf16" / "run" / "checkpoint-4")["optimizer"]["state"]
     assert all(s["exp_avg"].dtype == torch.float32 for s in state.values())  # fp32 AdamW states
+
+
+def test_a_run_directory_holding_other_checkpoints_is_refused_not_pruned(tmp_path):
+    """resume=never (or an explicit older checkpoint) into a directory with checkpoints would mix two runs:
+    keep_last would prune the wrong ones and resume=auto would later pick the other run's. Refused, and
+    nothing is deleted."""
+    loop.train(small_config(tmp_path, "checkpointing.keep_last=null"), log=lambda *_: None)
+    run = tmp_path / "run"
+    before = [p.name for p in ckpt.checkpoints(run)]
+    assert before == ["checkpoint-6", "checkpoint-12"]
+    with pytest.raises(ckpt.ResumeError, match="already holds checkpoints.*resume=never"):
+        loop.train(small_config(tmp_path, "checkpointing.resume=never"), log=lambda *_: None)
+    with pytest.raises(ckpt.ResumeError, match="older than the checkpoints.*checkpoint-12"):
+        loop.train(small_config(tmp_path, f"checkpointing.resume={run / 'checkpoint-6'}"), log=lambda *_: None)
+    assert [p.name for p in ckpt.checkpoints(run)] == before
+    # From another run directory, an older checkpoint is fine.
+    other = small_config(tmp_path / "o", f"checkpointing.resume={run / 'checkpoint-6'}", "checkpointing.keep_last=1")
+    result = loop.train(other, log=lambda *_: None)
+    assert result.steps == 12 and [p.name for p in ckpt.checkpoints(tmp_path / "o" / "run")] == ["checkpoint-12"]
+
+
+def test_stale_staging_directories_of_a_killed_save_are_removed(tmp_path):
+    run = tmp_path / "run"
+    (run / ".checkpoint-6.partial-99999").mkdir(parents=True)
+    (run / ".checkpoint-6.partial-99999" / "model.safetensors").write_bytes(b"half")
+    (run / ".checkpoint-3.retired-99998").mkdir()
+    loop.train(small_config(tmp_path, "schedule.max_steps=2", "data.eval=null"), log=lambda *_: None)
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
+
+
+def test_resuming_applies_the_configs_optimizer_settings(tmp_path):
+    """The checkpoint's AdamW param groups carry the old lr / weight decay; the resumed run's config wins
+    (so the NaN guard's advice, lower optimizer.lr and resume, works)."""
+    loop.train(small_config(tmp_path, "schedule.max_steps=6", "schedule.kind=constant"), log=lambda *_: None)
+    resumed = small_config(tmp_path, "schedule.max_steps=8", "schedule.kind=constant", "optimizer.lr=1e-5",
+                           "optimizer.weight_decay=0.1")  # fmt: skip
+    seen = []
+    original = loop._forward_backward
+
+    def spy(model, *args, **kwargs):
+        seen.append([(group["lr"], group["weight_decay"]) for group in optimizer_of[0].param_groups])
+        return original(model, *args, **kwargs)
+
+    optimizer_of = []
+    original_optimizer = loop._optimizer
+
+    def capture(*args, **kwargs):
+        optimizer_of.append(original_optimizer(*args, **kwargs))
+        return optimizer_of[-1]
+
+    import unittest.mock
+
+    with (
+        unittest.mock.patch.object(loop, "_forward_backward", spy),
+        unittest.mock.patch.object(loop, "_optimizer", capture),
+    ):
+        loop.train(resumed, log=lambda *_: None)
+    assert len(seen) == 2
+    for groups in seen:  # matrices decayed, norm weights not; the new lr
+        assert groups == [(pytest.approx(1e-5), 0.1), (pytest.approx(1e-5), 0.0)]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in records if "lr" in r and r["step"] > 6] == [pytest.approx(1e-5)] * 2
+
+
+def test_a_mid_epoch_resume_with_another_layout_is_refused(tmp_path):
+    """The position counts steps of world_size x grad_accum micro-batches: with another grouping it would
+    repeat or skip examples, so it is refused (at an epoch boundary any layout is fine)."""
+    loop.train(small_config(tmp_path, "schedule.max_steps=6"), log=lambda *_: None)
+    with pytest.raises(ckpt.ResumeError, match="middle of epoch 0.*grad_accum"):
+        loop.train(small_config(tmp_path, "schedule.max_steps=8", "distributed.grad_accum=2"), log=lambda *_: None)
+    result = loop.train(small_config(tmp_path, "schedule.max_steps=8"), log=lambda *_: None)  # same layout
+    assert result.steps == 8
+
+
+def test_the_unpatched_loss_trains_identically(tmp_path):
+    """kernels.cross_entropy=false: HF's own loss (it needs `labels`; the shifted labels are passed as
+    shift_labels) gives the fused loss's numbers."""
+    fused = loop.train(small_config(tmp_path / "f", "schedule.max_steps=4"), log=lambda *_: None)
+    plain = loop.train(small_config(tmp_path / "p", "schedule.max_steps=4", "kernels.cross_entropy=false"),
+                       log=lambda *_: None)  # fmt: skip
+    assert plain.losses == pytest.approx(fused.losses, rel=1e-5)
+    assert plain.eval_loss == pytest.approx(fused.eval_loss, rel=1e-5)
+
+
+def test_eval_runs_once_per_step_and_counts_are_recorded(tmp_path):
+    loop.train(small_config(tmp_path), log=lambda *_: None)  # eval every 6 of 12 steps: at 6 and 12
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_loss" in r] == [6, 12]
+    state = json.loads((tmp_path / "run" / "checkpoint-12" / ckpt.STATE_JSON).read_text())
+    assert state["tokens"] == records[-2]["tokens_seen"] > state["supervised_tokens"] > 0
+
+
+def test_weight_decay_skips_norms_and_biases(tmp_path):
+    model = fastsft.patch(tiny_model(seed=0))
+    optimizer = loop._optimizer(model, small_config(tmp_path, "optimizer.weight_decay=0.1"), torch.device("cpu"))
+    decayed, plain = optimizer.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.ndim == 2 for p in decayed["params"]) and any("embed" in names[id(p)] for p in decayed["params"])
+    assert {names[id(p)].rsplit(".", 2)[-2] for p in plain["params"]} == {
+        "input_layernorm", "post_attention_layernorm", "norm"
+    }  # fmt: skip
+
+
+def test_plot_true_without_matplotlib_fails_before_training(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(RuntimeError, match="logging.plot=true needs matplotlib"):
+        loop.train(small_config(tmp_path, "logging.plot=true"), log=lambda *_: None)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_exact_match_renders_prompts_with_the_runs_template(monkeypatch):
+    """data.chat_template is what training rendered; generation must see the same prompt."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(seed=0)
+    prompts = []
+
+    def fake_generate(ids, **kwargs):
+        prompts.append(tokenizer.decode(ids[0]))
+        assert 3 in kwargs["eos_token_id"]  # <|im_end|> stops the reply
+        return ids
+
+    monkeypatch.setattr(model, "generate", fake_generate)
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant] "
+    items = [([{"role": "user", "content": "Spell backwards: abc."}], "cba")]
+    loop.exact_match(model, tokenizer, items, torch.device("cpu"), chat_template=template)
+    assert prompts == ["[user] Spell backwards: abc.\n[assistant] "]
+
+
+def test_the_loop_generates_with_the_runs_template(tmp_path, monkeypatch):
+    template = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
+    calls = []
+
+    def spy(model, tokenizer, items, device, max_new_tokens=12, chat_template=None):
+        calls.append(chat_template)
+        return 0.0, [""] * len(items)
+
+    monkeypatch.setattr(loop, "exact_match", spy)
+    config = small_config(tmp_path, "schedule.max_steps=2", "eval.exact_match=true", f"data.chat_template={template}")
+    loop.train(config, log=lambda *_: None)
+    assert calls == [template, template]  # before and after training

@@ -42,8 +42,36 @@ class Position:
     epoch: int = 0
     step_in_epoch: int = 0
     skipped_steps: int = 0
-    tokens: int = 0
-    supervised_tokens: int = 0
+    tokens: int = 0  # real tokens trained on, all ranks
+    supervised_tokens: int = 0  # of which carried loss
+    layout: str = ""  # fingerprint of this epoch's micro-batches and step grouping (a mid-epoch resume checks it)
+
+
+class ResumeError(ValueError):
+    """A checkpoint cannot be resumed as asked (the message says why and what to do instead)."""
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step in a checkpoint-<step> directory's name (-1 for any other name)."""
+    match = _CHECKPOINT.match(Path(path).name)
+    return int(match.group(1)) if match else -1
+
+
+def remove_stale_staging(run_dir: Path) -> None:
+    """Delete the half-written `.checkpoint-*.partial-*` / `.retired-*` directories a killed run left."""
+    for path in Path(run_dir).glob(".checkpoint-*"):
+        if ".partial-" in path.name or ".retired-" in path.name:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _fsync_tree(directory: Path) -> None:
+    """Flush every file of `directory` and the directory itself to disk (before the rename publishes it)."""
+    for path in [*sorted(p for p in directory.rglob("*") if p.is_file()), directory]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def rng_state() -> dict:
@@ -106,6 +134,7 @@ def save_checkpoint(
         (staging / STATE_JSON).write_text(json.dumps(asdict(position), indent=1))
         if meta is not None:
             (staging / META_FILE).write_text(json.dumps(meta, indent=1))
+        _fsync_tree(staging)
         if final.exists():  # the same step saved again (e.g. at the end): replace it
             retired = run_dir / f".{final.name}.retired-{os.getpid()}"
             os.replace(final, retired)
@@ -113,8 +142,16 @@ def save_checkpoint(
         os.replace(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    fd = os.open(run_dir, os.O_RDONLY)  # the rename itself, on disk
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    # Keep the newest keep_last, never the one just written (a directory holding newer checkpoints of
+    # another run is refused before training, see loop._resume_checkpoint).
     for old in checkpoints(run_dir)[:-keep_last] if keep_last else []:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -139,7 +176,9 @@ def load_meta(checkpoint: Path) -> dict:
 
 def load_trainer_state(checkpoint: Path) -> dict:
     """The trainer state of a checkpoint (weights_only: tensors and plain data, nothing unpickled)."""
-    return torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=True)
+    # mmap: every rank of a resumed run reads this file; mapped, the AdamW states are paged in as they are
+    # copied into this rank's optimizer instead of each rank holding a whole copy.
+    return torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
 
 
 def load_model_weights(model, checkpoint: Path) -> None:

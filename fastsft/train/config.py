@@ -272,7 +272,7 @@ class ScheduleConfig(_Section):
     Length: `max_steps` (optimizer steps) and/or `epochs` (passes over data.train, fractions allowed); at least
     one must be set and, when both are, training stops at whichever comes first. In a file or override,
     setting `schedule.epochs` without mentioning `schedule.max_steps` clears max_steps's default (so
-    `epochs=3` means three epochs, not "at most 200 steps"); from Python pass `max_steps=None` yourself.
+    `epochs=3` means three epochs, not "at most 2000 steps"); from Python pass `max_steps=None` yourself.
 
     Warmup: `warmup_steps` when set, else `warmup_ratio` of the total steps (see `warmup_for`).
     """
@@ -361,7 +361,7 @@ class LoraConfig(_Section):
 
 @dataclass(frozen=True)
 class CheckpointingConfig(_Section):
-    """Checkpoints, written atomically to <output_dir>/checkpoints/step-<N>/."""
+    """Checkpoints, written atomically to <output_dir>/checkpoint-<N>/."""
 
     SECTION: ClassVar[str] = "checkpointing"
 
@@ -407,9 +407,11 @@ class EvalConfig(_Section):
         20, "evaluate on at most this many micro-batches of data.eval; null: all of it", ge=1
     )
     exact_match: bool = _field(
-        True, "also generate each eval prompt's reply greedily and report the share that equals the reference"
+        True,
+        "also generate held-out replies greedily and report the share equal to the reference (built-in synthetic "
+        "data only: it needs one short, checkable answer per prompt)",
     )
-    samples: int = _field(3, "print this many (prompt, reference, generated) examples at each evaluation", ge=0)
+    samples: int = _field(3, "print this many (prompt, reference, generated) examples at the end of the run", ge=0)
 
 
 @dataclass(frozen=True)
@@ -423,6 +425,12 @@ class DistributedConfig(_Section):
     )
     grad_accum: int = _field(
         1, "micro-batches per optimizer step on each rank (loss normalised over the whole step)", ge=1
+    )
+    timeout_minutes: float = _field(
+        60.0,
+        "how long a rank waits for the others (a collective) before the run is aborted; rank 0 alone tokenizes "
+        "the data and writes checkpoints meanwhile, so raise it for very large datasets",
+        gt=0,
     )
 
 
@@ -440,7 +448,7 @@ class NanGuardConfig(_Section):
 @dataclass(frozen=True)
 class TrainConfig(_Section):
     """Everything `fastsft train` needs. `TrainConfig()` is the built-in default job: the "tiny" preset learns a
-    synthetic task on 2 CPU cores in well under five minutes (200 steps of 1024-token micro-batches).
+    synthetic tasks on 2 CPU cores in about two minutes (2000 steps of 1024-token micro-batches).
 
     Top-level keys: output_dir, seed. Sections (dotted keys `<section>.<key>`): model, data, packing, optimizer,
     schedule, kernels, lora, checkpointing, logging, eval, distributed, nan_guard.
@@ -450,7 +458,7 @@ class TrainConfig(_Section):
 
     output_dir: str | None = _field(
         None,
-        "the run directory (config.yaml, metrics.jsonl, tensorboard/, checkpoints/); null: runs/<date>-<time>, "
+        "the run directory (config.yaml, metrics.jsonl, tensorboard/, checkpoint-<N>/); null: runs/<date>-<time>, "
         "a fresh one per run (so checkpointing.resume=auto only resumes when output_dir is given)",
     )
     seed: int = _field(0, "seed of model initialisation (presets, LoRA), dropout and synthetic data", ge=0)

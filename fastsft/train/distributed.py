@@ -50,7 +50,7 @@ class Distributed:
     # ---------------------------------------------------------------------------------------------- set-up
 
     @classmethod
-    def from_env(cls, strategy: str = "auto") -> Distributed:
+    def from_env(cls, strategy: str = "auto", timeout_minutes: float = 60.0) -> Distributed:
         """Join torchrun's process group when WORLD_SIZE > 1; pick the device (cuda:LOCAL_RANK or cpu)."""
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
@@ -70,7 +70,7 @@ class Distributed:
         owns_group = not dist.is_initialized()
         if owns_group:
             kwargs = {"device_id": device} if device.type == "cuda" else {}
-            dist.init_process_group(backend, timeout=_dt.timedelta(minutes=30), **kwargs)
+            dist.init_process_group(backend, timeout=_dt.timedelta(minutes=timeout_minutes), **kwargs)
         return cls(world_size, rank, local_rank, "fsdp" if strategy == "auto" else strategy, device, owns_group)
 
     @property
@@ -125,8 +125,10 @@ class Distributed:
 
     # ------------------------------------------------------------------------------------------- the model
 
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """Shard (fsdp) or replicate (ddp) a patched model that is already on `self.device`."""
+    def wrap(self, model: nn.Module, compute_dtype: torch.dtype = torch.float32) -> nn.Module:
+        """Shard (fsdp) or replicate (ddp) a patched model that is on `self.device` (or, fsdp, on the meta
+        device: see `materialize`). compute_dtype bf16: FSDP all-gathers the parameters in bf16 (half the
+        traffic; the fp32 shards stay the master weights) and reduce-scatters gradients in fp32."""
         if not self.enabled:
             return model
         if self.strategy == "ddp":
@@ -137,8 +139,9 @@ class Distributed:
             return DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None, broadcast_buffers=False
             )
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
         layers = decoder_layers(model)
         if not layers:
             raise DistributedError(
@@ -146,8 +149,8 @@ class Distributed:
                 "classes in its _no_split_modules); use distributed.strategy=ddp"
             )
         for layer in layers:
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
         return model
 
     def materialize(self, model: nn.Module, source: nn.Module | None) -> None:
@@ -179,12 +182,15 @@ class Distributed:
             return model.no_sync()
         return nullcontext()
 
-    def full_model_state(self, model: nn.Module) -> dict | None:
-        """The whole model's state dict on rank 0 (CPU tensors), None elsewhere. A collective under fsdp."""
+    def full_model_state(self, model: nn.Module, trainable_only: bool = False) -> dict | None:
+        """The whole model's state dict on rank 0 (CPU tensors), None elsewhere. A collective under fsdp.
+        trainable_only (LoRA): leave the frozen base weights out: a LoRA checkpoint saves the adapters alone,
+        and gathering a frozen 70B base to rank 0's memory at every checkpoint would be for nothing."""
         if self.enabled and self.strategy == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-            state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+            state = get_model_state_dict(model, options=options)
             if not self.is_main:
                 return None
             # Tied weights (lm_head = embeddings) come back as separate copies; save_pretrained only drops
@@ -203,7 +209,7 @@ class Distributed:
             return get_optimizer_state_dict(
                 model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
             )
-        names = _trainable_names(self.unwrap(model))
+        names = _optimizer_param_names(self.unwrap(model), optimizer)
         raw = optimizer.state_dict()
         return {
             "state": {names[index]: state for index, state in raw["state"].items()},
@@ -217,23 +223,21 @@ class Distributed:
 
             set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
             return
-        index = {name: i for i, name in enumerate(_trainable_names(self.unwrap(model)))}
+        index = {name: i for i, name in enumerate(_optimizer_param_names(self.unwrap(model), optimizer))}
         unknown = [name for name in state["state"] if name not in index]
         if unknown:
             raise DistributedError(f"the checkpoint's optimizer state names parameters this model lacks: {unknown[:5]}")
+        # The per-parameter state by name; the groups (and their hyperparameters) are this optimizer's own.
+        current = optimizer.state_dict()
         optimizer.load_state_dict(
-            {
-                "state": {index[name]: s for name, s in state["state"].items()},
-                "param_groups": [
-                    {**group, "params": [index[name] for name in group["params"]]} for group in state["param_groups"]
-                ],
-            }
+            {"state": {index[name]: s for name, s in state["state"].items()}, "param_groups": current["param_groups"]}
         )
 
 
-def _trainable_names(model: nn.Module) -> list[str]:
-    """Names of the optimizer's parameters, in the order the loop hands them to AdamW."""
-    return [name for name, p in model.named_parameters() if p.requires_grad]
+def _optimizer_param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Names of the optimizer's parameters in its state-dict index order (group after group)."""
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    return [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -405,7 +405,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, config, *, base=None, dev
     data = _eval_dataset(config, tokenizer, source)
     loader = PackedLoader(data, max_tokens=config.packing.max_tokens)
     loss = loop.evaluate_loss(model, loader, device, autocast, config.eval.max_batches)
-    available = sum(len(step) for step in loader.steps(0))
+    available = len(loader.schedule(0).packing)
     result = EvalResult(
         checkpoint=os.fspath(checkpoint),
         eval_data=source,
@@ -415,7 +415,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, config, *, base=None, dev
     )
     if source == "synthetic" and config.eval.exact_match:
         items = exact_match_items(loop.EXACT_MATCH_ITEMS, seed=config.seed + 1)  # the run's items (loop.train)
-        result.exact_match, predictions = loop.exact_match(model, tokenizer, items, device)
+        result.exact_match, predictions = loop.exact_match(model, tokenizer, items, device,
+                                                           chat_template=config.data.chat_template)  # fmt: skip
         result.exact_match_items = len(items)
         for (messages, answer), predicted in list(zip(items, predictions, strict=True))[: config.eval.samples]:
             result.samples.append({"question": messages[-1]["content"], "expected": answer, "generated": predicted})

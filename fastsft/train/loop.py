@@ -30,6 +30,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import fastsft
@@ -63,10 +64,6 @@ class TrainResult:
 # --------------------------------------------------------------------------------------------------
 # Set-up
 # --------------------------------------------------------------------------------------------------
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _compute_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
@@ -178,16 +175,20 @@ def _schedule(optimizer, config: TrainConfig, total_steps: int):
 
 
 def _optimizer(model, config: TrainConfig, device: torch.device):
+    """AdamW; weight decay on the matrices only (norm weights and biases, 1-D, are not decayed)."""
     params = [p for p in model.parameters() if p.requires_grad]
     fused = config.optimizer.fused
     if fused == "auto":
         fused = device.type == "cuda"
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.optimizer.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "fastsft_decay": False},
+    ]
     return torch.optim.AdamW(
-        params,
+        [group for group in groups if group["params"]],
         lr=config.optimizer.lr,
         betas=tuple(config.optimizer.betas),
         eps=config.optimizer.eps,
-        weight_decay=config.optimizer.weight_decay,
         fused=bool(fused),
     )
 
@@ -217,8 +218,10 @@ def _forward_backward(model, step_batches, device, autocast_dtype, dist: Distrib
         context = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
         with dist.accumulation_context(model, last_micro_batch=index == len(step_batches) - 1):
             with context:
+                # labels too: an unpatched loss (kernels.cross_entropy=false) runs only when labels is set; it
+                # then uses the already shifted shift_labels, as fastsft's does.
                 out = model(**mb.model_inputs(), cu_seq_lens_q=mb.cu_seqlens, max_length_q=mb.max_seqlen,
-                            shift_labels=mb.labels, num_items_in_batch=num_items)  # fmt: skip
+                            labels=mb.labels, shift_labels=mb.labels, num_items_in_batch=num_items)  # fmt: skip
             out.loss.backward()
         total_loss += out.loss.detach()
         tokens += mb.num_tokens
@@ -228,51 +231,63 @@ def _forward_backward(model, step_batches, device, autocast_dtype, dist: Distrib
 @torch.no_grad()
 def evaluate_loss(model, loader: PackedLoader, device, autocast_dtype, max_batches: int | None,
                   dist: Distributed | None = None) -> float | None:  # fmt: skip
-    """Mean loss per supervised token over up to `max_batches` held-out micro-batches (per rank; every rank
-    runs the same number of forwards, which FSDP needs, and the sums are all-reduced)."""
+    """Mean loss per supervised token over the first `max_batches` micro-batches of `loader`'s epoch-0 packing
+    (None: all of them).
+
+    The micro-batches are the packing's whatever the number of ranks: rank r evaluates every world_size-th
+    one and the sums are all-reduced, so the result does not depend on the world size (and equals `fastsft
+    eval`'s). FSDP needs every rank to run the same number of forwards: a rank short of one runs a repeat
+    whose loss is discarded."""
+    from fastsft.data import build_micro_batch
+
     dist = dist or Distributed()
+    packing = loader.schedule(0).packing
+    count = len(packing) if max_batches is None else min(max_batches, len(packing))
+    mine = list(range(dist.rank, count, dist.world_size))
+    rounds = math.ceil(count / dist.world_size)
     was_training = model.training
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # (summed loss, supervised tokens)
-    batches = 0
-    for step in loader.steps(0):
-        for mb in step:
-            if max_batches is not None and batches >= max_batches:
-                break
-            mb = mb.to(device)
-            context = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
-            with context:
-                out = model(**mb.model_inputs(), cu_seq_lens_q=mb.cu_seqlens, max_length_q=mb.max_seqlen,
-                            shift_labels=mb.labels, num_items_in_batch=1)  # fmt: skip
+    for i in range(rounds):
+        keep = i < len(mine)
+        mb = build_micro_batch(loader.dataset, packing.bin(mine[i] if keep else 0)).to(device)
+        context = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+        with context:
+            out = model(**mb.model_inputs(), cu_seq_lens_q=mb.cu_seqlens, max_length_q=mb.max_seqlen,
+                        labels=mb.labels, shift_labels=mb.labels, num_items_in_batch=1)  # fmt: skip
+        if keep:
             sums[0] += out.loss.double()
             sums[1] += mb.num_supervised
-            batches += 1
     model.train(was_training)
-    total, count = dist.all_reduce_sum(sums).tolist()
-    return total / count if count else None
+    total, supervised = dist.all_reduce_sum(sums).tolist()
+    return total / supervised if supervised else None
 
 
 @torch.no_grad()
-def exact_match(model, tokenizer, items, device, max_new_tokens: int = 12) -> tuple[float, list[str]]:
-    """Greedy answers to held-out items [(messages, answer)] and their exact-match score."""
+def exact_match(model, tokenizer, items, device, max_new_tokens: int = 12,
+                chat_template: str | None = None) -> tuple[float, list[str]]:  # fmt: skip
+    """Greedy answers to held-out items [(messages, answer)] and their exact-match score. Prompts are rendered
+    with the template training used (`chat_template`: the run's data.chat_template, else the tokenizer's,
+    else ChatML) and every end-of-reply token stops generation."""
+    from .inference import _stop_token_ids, render_prompt
     from .synthetic import score_exact_match
 
     was_training = model.training
     model.eval()
     predictions = []
-    eos = tokenizer.eos_token_id
     for messages, _ in items:
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt = render_prompt(tokenizer, messages, chat_template)
         ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=device)
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
-                             pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=_stop_token_ids(model, tokenizer, prompt), pad_token_id=pad)  # fmt: skip
         predictions.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
     model.train(was_training)
     return score_exact_match(predictions, [answer for _, answer in items]), predictions
 
 
 def _progress(enabled: bool, total: int, initial: int):
-    if not enabled:
+    if not enabled or not sys.stderr.isatty():  # a log file gets metrics lines, not carriage-return bars
         return None
     try:
         from tqdm.auto import tqdm
@@ -286,7 +301,7 @@ def train(config: TrainConfig, *, log=print) -> TrainResult:
 
     Under torchrun every process calls this; rank 0 alone logs, writes metrics and checkpoints, and measures
     exact match (the returned TrainResult is complete on rank 0)."""
-    dist = Distributed.from_env(config.distributed.strategy)
+    dist = Distributed.from_env(config.distributed.strategy, config.distributed.timeout_minutes)
     try:
         return _train(config, dist, log if dist.is_main else (lambda *_args, **_kwargs: None))
     finally:
@@ -310,9 +325,13 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
     device = dist.device
     compute_dtype = _compute_dtype(config, device)
     autocast_dtype = compute_dtype if compute_dtype != torch.float32 else None
+    if config.logging.plot is True and config.logging.jsonl:
+        _require_matplotlib()  # now, not after hours of training
     run_dir = Path(dist.all_gather_object(str(_run_dir(config)))[0])  # rank 0's timestamp names the run
+    resume_from = _resume_checkpoint(config, run_dir)  # every rank: a bad resume setting fails everywhere alike
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_stale_staging(run_dir)  # left by a run killed mid-save
         config.dump(run_dir)
 
     # FSDP: only rank 0 holds the whole model's weights (on the CPU); every rank shards a weightless copy and
@@ -339,10 +358,8 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
     grad_accum = config.distributed.grad_accum
     loader = PackedLoader(train_data, max_tokens=config.packing.max_tokens, seed=config.packing.seed,
                           world_size=dist.world_size, rank=dist.rank, grad_accum=grad_accum)  # fmt: skip
-    eval_loader = None
-    if eval_data is not None:
-        eval_loader = PackedLoader(eval_data, max_tokens=config.packing.max_tokens, world_size=dist.world_size,
-                                   rank=dist.rank)  # fmt: skip
+    # Eval: the whole held-out packing, the same whatever the number of ranks (evaluate_loss deals it).
+    eval_loader = PackedLoader(eval_data, max_tokens=config.packing.max_tokens) if eval_data is not None else None
     steps_per_epoch = loader.num_steps(0)
     total_steps = config.schedule.max_steps
     if config.schedule.epochs is not None:
@@ -352,14 +369,29 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
     efficiency = loader.efficiency(0)
     log(f"{steps_per_epoch} steps per epoch (packing efficiency {efficiency:.1%}){ranks}; {total_steps} steps")
 
+    def layout(epoch: int) -> str:
+        """What a mid-epoch position means: this epoch's micro-batches and their grouping into steps."""
+        packing = loader.schedule(epoch).packing
+        header = np.asarray([epoch, dist.world_size * grad_accum], dtype=np.int64)
+        data = np.frombuffer(data_fingerprint.encode(), dtype=np.uint8)
+        bins = [np.ascontiguousarray(packing.bin_offsets), np.ascontiguousarray(packing.doc_ids)]
+        return fingerprint(header, data, *bins)
+
     position = ckpt.Position()
-    resume_from = _resume_checkpoint(config, run_dir)
     state = None
     if resume_from is not None:
         if weights is not None:
             ckpt.load_model_weights(weights, resume_from)  # into the whole model, before it is sharded
         state = ckpt.load_trainer_state(resume_from)
         position = ckpt.Position(**state["position"])
+        if position.step_in_epoch and position.layout and position.layout != layout(position.epoch):
+            raise ckpt.ResumeError(
+                f"{resume_from} stopped in the middle of epoch {position.epoch} (after its step "
+                f"{position.step_in_epoch}), but this run packs that epoch differently (the data, "
+                "packing.max_tokens, packing.seed, or the number of ranks x distributed.grad_accum changed), so the "
+                "position would repeat or skip examples. Resume with the checkpoint's settings, or from a checkpoint "
+                "at an epoch boundary"
+            )
         log(f"resumed from {resume_from} at step {position.step}")
 
     items = []
@@ -369,7 +401,8 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
 
         items = exact_match_items(EXACT_MATCH_ITEMS, seed=config.seed + 1)
         if position.step == 0 and dist.is_main:  # before sharding: rank 0 generates alone
-            result.exact_match_before, _ = exact_match(weights.to(device), tokenizer, items, device)
+            result.exact_match_before, _ = exact_match(weights.to(device), tokenizer, items, device,
+                                                       chat_template=config.data.chat_template)  # fmt: skip
             weights.cpu()
             log(f"held-out exact match before training: {result.exact_match_before:.1%}")
         dist.barrier()
@@ -378,10 +411,10 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
     full_backward = not config.lora.enabled  # frozen weights get no weight gradient: 4N instead of 6N per token
     peak = peak_flops(device, compute_dtype)  # FLOP/s of one device; None on CPU / unknown GPUs: no MFU
     if sharded_init:
-        model = dist.wrap(model)
+        model = dist.wrap(model, compute_dtype)
         dist.materialize(model, weights)  # allocate this rank's shards on the device, fill them from rank 0
     else:
-        model = dist.wrap(model.to(device))
+        model = dist.wrap(model.to(device), compute_dtype)
     del weights
     model.train()
     optimizer = _optimizer(model, config, device)
@@ -389,23 +422,47 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
     if state is not None:
         dist.load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        _apply_optimizer_config(optimizer, scheduler, config)  # the config's lr, betas, decay win over the state's
         per_rank = state.get("rng_per_rank")
         ckpt.set_rng_state(per_rank[dist.rank] if per_rank and len(per_rank) == dist.world_size else state["rng"])
+        del state
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # training's peak, not the set-up's
+
+    unsynced = [0, 0]  # this rank's (tokens, supervised tokens) not yet added to position (global counts)
+
+    def sync_counts() -> None:
+        counts = dist.all_reduce_sum(torch.tensor(unsynced, dtype=torch.float64, device=device)).tolist()
+        position.tokens += int(counts[0])
+        position.supervised_tokens += int(counts[1])
+        unsynced[:] = [0, 0]
 
     def save() -> Path:
+        sync_counts()
+        position.layout = layout(position.epoch)
         return _save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, position, config, dist)
+
+    def evaluate() -> None:
+        result.eval_loss = evaluate_loss(model, eval_loader, device, autocast_dtype, config.eval.max_batches, dist)
+        metrics.write({"step": position.step, "eval_loss": result.eval_loss})
+        evaluated_at[0] = position.step
 
     metrics = MetricsLogger(run_dir, config.logging.jsonl, config.logging.tensorboard, enabled=dist.is_main,
                             resume_step=position.step if resume_from is not None else None)  # fmt: skip
     bar = _progress(config.logging.progress_bar and dist.is_main, total_steps, position.step)
-    window = {"steps": 0, "tokens": 0, "supervised": 0, "flops": 0, "time": time.perf_counter()}
+    window = {"tokens": 0, "supervised": 0, "flops": 0, "time": time.perf_counter()}
     pending_losses: list[torch.Tensor] = []
+    pending_norms: list[torch.Tensor] = []
+    evaluated_at = [-1]
+    report_every = max(config.logging.every_steps, total_steps // 20)
+    next_report = [position.step + report_every]
     consecutive_skips = 0
     trainable = [p for p in model.parameters() if p.requires_grad]
     try:
         while position.step < total_steps:
             for step_batches in loader.steps(position.epoch, start_step=position.step_in_epoch):
-                window["flops"] += sum(count_flops(mb.cu_seqlens.diff(), full_backward=full_backward)
+                window["flops"] += sum(count_flops(mb.cu_seqlens.diff(), lm_head_tokens=mb.num_supervised,
+                                                   full_backward=full_backward)
                                        for mb in step_batches)  # host-side lengths: no sync  # fmt: skip
                 step_loss, tokens, supervised = _forward_backward(model, step_batches, device, autocast_dtype, dist)
                 grad_norm = clip_grad_norm(trainable, config.optimizer.grad_clip)
@@ -418,19 +475,20 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
                         raise FloatingPointError(
                             f"{consecutive_skips} steps in a row had non-finite gradients (limit "
                             f"nan_guard.max_skipped_steps={config.nan_guard.max_skipped_steps}); lower optimizer.lr "
-                            "or check the data. The last checkpoint is intact."
+                            "or check the data, then resume: the last checkpoint is intact and the config's "
+                            "optimizer settings apply on resume."
                         )
                 else:
                     consecutive_skips = 0
+                    pending_norms.append(grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 position.step += 1
                 position.step_in_epoch += 1
-                position.tokens += tokens
-                position.supervised_tokens += supervised
+                unsynced[0] += tokens
+                unsynced[1] += supervised
                 pending_losses.append(step_loss)  # stays on the device until a log step
-                window["steps"] += 1
                 window["tokens"] += tokens
                 window["supervised"] += supervised
                 if bar is not None:
@@ -443,32 +501,43 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
                     summed = dist.all_reduce_sum(summed).tolist()
                     values = [v / dist.world_size for v in summed[:-3]]
                     tokens_all, supervised_all, flops_all = summed[-3:]
+                    norm = torch.stack(pending_norms).mean().item() if pending_norms else float("nan")
                     pending_losses.clear()
+                    pending_norms.clear()
+                    sync_counts()
                     result.losses.extend(values)
                     if bar is not None:
                         bar.set_postfix(loss=f"{values[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                     elapsed = time.perf_counter() - window["time"]
                     metrics.write({
                         "step": position.step,
-                        "loss": sum(values) / len(values),
+                        "loss": sum(values) / len(values),  # the window's mean
                         "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": float(grad_norm),
+                        "grad_norm": norm,  # the window's mean over applied steps, before clipping
                         "tokens_per_s": tokens_all / elapsed,
                         "supervised_tokens_per_s": supervised_all / elapsed,
                         "tflops_per_s_per_device": flops_all / elapsed / dist.world_size / 1e12,
                         "mfu": model_flops_utilization(flops_all / dist.world_size, elapsed, peak),
-                        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+                        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30
+                        if device.type == "cuda" else None,
                         "skipped_steps": position.skipped_steps,
+                        "tokens_seen": position.tokens,
                     })  # fmt: skip
-                    window = {"steps": 0, "tokens": 0, "supervised": 0, "flops": 0, "time": time.perf_counter()}
-                if eval_loader is not None and config.eval.every_steps and position.step % config.eval.every_steps == 0:
-                    result.eval_loss = evaluate_loss(
-                        model, eval_loader, device, autocast_dtype, config.eval.max_batches, dist
-                    )
-                    metrics.write({"step": position.step, "eval_loss": result.eval_loss})
+                    if bar is None and position.step >= next_report[0]:  # no terminal: a line per ~5% of the run
+                        next_report[0] = position.step + report_every
+                        log(f"step {position.step}/{total_steps}  loss {values[-1]:.4f}  "
+                            f"lr {scheduler.get_last_lr()[0]:.2e}  {tokens_all / elapsed:,.0f} tokens/s")  # fmt: skip
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)  # each window reports its own peak
+                    window = {"tokens": 0, "supervised": 0, "flops": 0, "time": time.perf_counter()}
+                paused = time.perf_counter()  # eval and checkpoints are not training time (tokens/s, MFU)
+                every_eval = config.eval.every_steps
+                if eval_loader is not None and every_eval and position.step % every_eval == 0:
+                    evaluate()
                 every = config.checkpointing.every_steps
                 if every and position.step % every == 0 and position.step < total_steps:
                     save()
+                window["time"] += time.perf_counter() - paused
                 if position.step >= total_steps:
                     break
             else:  # the epoch ran out
@@ -480,14 +549,16 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
         if sys.exc_info()[0] is not None:
             metrics.close()  # flush TensorBoard on the way out of a crash (metrics.jsonl is flushed per line)
 
-    if eval_loader is not None:
-        result.eval_loss = evaluate_loss(model, eval_loader, device, autocast_dtype, config.eval.max_batches, dist)
-        metrics.write({"step": position.step, "eval_loss": result.eval_loss})
+    if eval_loader is not None and evaluated_at[0] != position.step:
+        evaluate()
     final = save()
+    optimizer.zero_grad(set_to_none=True)
+    optimizer.state.clear()  # AdamW's states are in the checkpoint; free them before generating
     if items and dist.is_main:
         result.exact_match_after, predictions = exact_match(
-            _generation_model(config, model, final, dist, device), tokenizer, items, device
-        )
+            _generation_model(config, model, final, dist, device), tokenizer, items, device,
+            chat_template=config.data.chat_template,
+        )  # fmt: skip
         metrics.write({"step": position.step, "exact_match": result.exact_match_after})
         for (messages, answer), predicted in list(zip(items, predictions, strict=True))[: config.eval.samples]:
             result.samples.append((messages[-1]["content"], answer, predicted))
@@ -505,9 +576,30 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
     return result
 
 
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError("logging.plot=true needs matplotlib: pip install matplotlib (or logging.plot=auto)") from exc
+
+
+def _apply_optimizer_config(optimizer, scheduler, config: TrainConfig) -> None:
+    """After loading a checkpoint's optimizer and scheduler states (which carry the old run's lr, betas, eps
+    and weight decay), put the config's values back: a resumed run follows its config."""
+    opt = config.optimizer
+    for group in optimizer.param_groups:
+        group["betas"], group["eps"] = tuple(opt.betas), opt.eps
+        group["weight_decay"] = opt.weight_decay if group.get("fastsft_decay", True) else 0.0
+        group["initial_lr"] = opt.lr
+    scheduler.base_lrs = [opt.lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["lr"] = opt.lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def _save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, position, config, dist: Distributed) -> Path:
     """Gather the whole state (collectives under fsdp; every rank calls this), rank 0 writes it atomically."""
-    model_state = dist.full_model_state(model)
+    model_state = dist.full_model_state(model, trainable_only=config.lora.enabled)  # LoRA: adapters alone
     state = {"optimizer": dist.optimizer_state(model, optimizer), "scheduler": scheduler.state_dict()}
     rngs = dist.all_gather_object(ckpt.rng_state())
     state["rng"], state["rng_per_rank"] = rngs[0], rngs
@@ -536,15 +628,29 @@ def _checkpoint_meta(config: TrainConfig) -> dict:
 
 
 def _resume_checkpoint(config: TrainConfig, run_dir: Path) -> Path | None:
+    """The checkpoint to resume from, or None. Refuses what would mix two runs' checkpoints in one directory
+    (keep_last would then delete the wrong ones, and resume=auto would pick the other run's)."""
     resume = config.checkpointing.resume
+    found = ckpt.checkpoints(run_dir)
     if resume == "never":
+        if found:
+            raise ckpt.ResumeError(
+                f"output_dir {run_dir} already holds checkpoints ({found[-1].name} ...) and "
+                "checkpointing.resume=never: choose another output_dir, delete them, or resume=auto to continue"
+            )
         return None
     if resume == "auto":
-        found = ckpt.checkpoints(run_dir)
         return found[-1] if found else None
     path = Path(resume)
     if not (path / ckpt.STATE_FILE).is_file():
         raise FileNotFoundError(f"checkpointing.resume={resume!r} is not a checkpoint directory (no {ckpt.STATE_FILE})")
+    step = ckpt.checkpoint_step(path)
+    newer = [p.name for p in found if ckpt.checkpoint_step(p) > step]
+    if newer:
+        raise ckpt.ResumeError(
+            f"checkpointing.resume={resume!r} is older than the checkpoints already in output_dir {run_dir} "
+            f"({', '.join(newer)}): continuing there would mix two runs. Use another output_dir, or delete them"
+        )
     return path
 
 
