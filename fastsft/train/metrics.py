@@ -2,7 +2,7 @@
 metrics.jsonl / TensorBoard writer, and the loss-curve plot.
 
     counter = FlopCounter.from_model(model)                  # once, after LoRA / patching
-    flops = counter(mb.cu_seqlens.diff(), full_backward=not lora)
+    flops = counter(mb.cu_seqlens.diff(), lm_head_tokens=mb.num_supervised, full_backward=not lora)
     peak = peak_flops(device, torch.bfloat16)                # FLOP/s, or None (CPU, unknown GPU)
     mfu = model_flops_utilization(flops_in_window, seconds, peak)
     with MetricsLogger(run_dir, jsonl=True, tensorboard="auto", enabled=rank == 0) as log:
@@ -211,9 +211,10 @@ class FlopCounter:
     layer (it is needed to reach any trainable weight below; the bottom layers' is strictly unneeded, ignored).
     full_backward=True (default) counts 6N for every weight, the textbook number comparable with full fine-tuning.
 
-    lm_head_tokens: how many rows go through the lm_head. None (what the loop passes): every token, the
-    textbook 6 * N * T, which is what both fastsft's fused loss and an unpatched model compute. A loss that
-    projected only the supervised rows (the logits of prompt rows are never needed) would pass their count.
+    lm_head_tokens: how many rows go through the lm_head. fastsft's fused loss projects only the supervised
+    rows (a prompt row's logits are never needed; ignored rows never reach its matmuls), so the loop passes
+    the micro-batch's supervised-token count: MFU counts the FLOPs the model needs, not the textbook
+    6 * N * T an unpatched model spends (None gives that).
     """
 
     params: MatmulParams
