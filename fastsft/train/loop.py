@@ -525,7 +525,7 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
                     })  # fmt: skip
                     if bar is None and position.step >= next_report[0]:  # no terminal: a line per ~5% of the run
                         next_report[0] = position.step + report_every
-                        log(f"step {position.step}/{total_steps}  loss {values[-1]:.4f}  "
+                        log(f"step {position.step}/{total_steps}  loss {sum(values) / len(values):.4f}  "
                             f"lr {scheduler.get_last_lr()[0]:.2e}  {tokens_all / elapsed:,.0f} tokens/s")  # fmt: skip
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)  # each window reports its own peak
