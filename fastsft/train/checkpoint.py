@@ -22,6 +22,7 @@ import os
 import random
 import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -62,6 +63,20 @@ def remove_stale_staging(run_dir: Path) -> None:
     for path in Path(run_dir).glob(".checkpoint-*"):
         if ".partial-" in path.name or ".retired-" in path.name:
             shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def _quiet_transformers():
+    """No "Writing model shards" bar per checkpoint in the middle of the training's own output."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -123,10 +138,11 @@ def save_checkpoint(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        if model_state_dict is not None:
-            model.save_pretrained(staging, state_dict=model_state_dict, safe_serialization=True)
-        else:
-            model.save_pretrained(staging, safe_serialization=True)
+        with _quiet_transformers():
+            if model_state_dict is not None:
+                model.save_pretrained(staging, state_dict=model_state_dict, safe_serialization=True)
+            else:
+                model.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         state = {**state, "position": asdict(position)}
