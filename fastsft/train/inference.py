@@ -349,28 +349,13 @@ def run_chat_template(checkpoint: str | os.PathLike) -> str | None:
 
 
 def _eval_dataset(config, tokenizer, source: str):
-    """The held-out dataset exactly as `fastsft train` prepares it (loop._datasets' settings), without also
+    """The held-out dataset exactly as `fastsft train` prepares it (loop.data_settings), without also
     tokenizing the training set."""
     from fastsft.data import prepare_dataset
 
     from . import loop
 
-    if source == "synthetic":
-        from .synthetic import synthetic_records
-
-        source = synthetic_records(loop.SYNTHETIC_EVAL_RECORDS, seed=config.seed, split="heldout")
-    return prepare_dataset(
-        source,
-        tokenizer,
-        max_seq_len=config.data.max_seq_len,
-        format=config.data.format,
-        chat_template=config.data.chat_template,
-        train_on_inputs=config.data.train_on_inputs,
-        assistant_turns=config.data.assistant_turns,
-        truncation=config.data.truncation,
-        on_bad_record=config.data.on_bad_record,
-        cache_dir=config.data.cache_dir,
-    )
+    return prepare_dataset(loop.data_source(config, source, "heldout"), tokenizer, **loop.data_settings(config))
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, config, *, base=None, device=None) -> EvalResult:

@@ -130,31 +130,33 @@ def _apply_lora(model, config: TrainConfig):
     return get_peft_model(model, lora)
 
 
+def data_settings(config: TrainConfig) -> dict:
+    """prepare_dataset's keyword arguments from config.data (the same for training, eval and `fastsft eval`)."""
+    data = config.data
+    return dict(max_seq_len=data.max_seq_len, format=data.format, chat_template=data.chat_template,
+                train_on_inputs=data.train_on_inputs, assistant_turns=data.assistant_turns,
+                truncation=data.truncation, on_bad_record=data.on_bad_record, cache_dir=data.cache_dir)  # fmt: skip
+
+
+def data_source(config: TrainConfig, name: str, split: str):
+    """What prepare_dataset reads for data.train / data.eval `name`: a path, or the built-in synthetic records
+    (split "train" or "heldout")."""
+    if name != "synthetic":
+        return name
+    from .synthetic import synthetic_records
+
+    count = SYNTHETIC_TRAIN_RECORDS if split == "train" else SYNTHETIC_EVAL_RECORDS
+    return synthetic_records(count, seed=config.seed, split=split)
+
+
 def _datasets(config: TrainConfig, tokenizer):
     """(train TokenizedDataset, eval TokenizedDataset or None)."""
-    common = dict(
-        max_seq_len=config.data.max_seq_len,
-        format=config.data.format,
-        chat_template=config.data.chat_template,
-        train_on_inputs=config.data.train_on_inputs,
-        assistant_turns=config.data.assistant_turns,
-        truncation=config.data.truncation,
-        on_bad_record=config.data.on_bad_record,
-        cache_dir=config.data.cache_dir,
-    )
-
-    def source(name: str, split: str, count: int):
-        if name == "synthetic":
-            from .synthetic import synthetic_records
-
-            return synthetic_records(count, seed=config.seed, split=split)
-        return name
-
-    train = prepare_dataset(source(config.data.train, "train", SYNTHETIC_TRAIN_RECORDS), tokenizer, **common)
+    settings = data_settings(config)
+    train = prepare_dataset(data_source(config, config.data.train, "train"), tokenizer, **settings)
     eval_source = config.data.eval_source
     evaluation = None
     if eval_source is not None:
-        evaluation = prepare_dataset(source(eval_source, "heldout", SYNTHETIC_EVAL_RECORDS), tokenizer, **common)
+        evaluation = prepare_dataset(data_source(config, eval_source, "heldout"), tokenizer, **settings)
     return train, evaluation
 
 
