@@ -137,3 +137,19 @@ def test_patch_stays_callable_whatever_is_imported_first():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "raised", done.stderr[-2000:]
+
+
+def test_the_public_face_and_lazy_subpackages():
+    """DESIGN.md: `fastsft` exposes patch, unpatch, __version__, and train/data on first use (importing
+    fastsft alone does not import them)."""
+    code = (
+        "import sys, fastsft\n"
+        "assert 'fastsft.train' not in sys.modules and 'fastsft.data' not in sys.modules\n"
+        "assert callable(fastsft.patch) and callable(fastsft.unpatch) and fastsft.__version__\n"
+        "assert callable(fastsft.train.train) and callable(fastsft.train.load_config)\n"
+        "assert callable(fastsft.data.prepare_dataset) and callable(fastsft.data.PackedLoader)\n"
+        "try:\n    fastsft.nope\nexcept AttributeError as e:\n    assert 'nope' in str(e)\n"
+        "else:\n    raise SystemExit(1)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
