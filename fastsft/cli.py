@@ -15,8 +15,10 @@ on stderr. The logic behind generate/eval/merge is fastsft.train.inference.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+from pathlib import Path
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -81,8 +83,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         return _fail("generate", f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        return _fail("generate", f"need --temperature >= 0 and 0 < --top-p <= 1, got {args.temperature}, {args.top_p}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0 and 0 < args.top_p <= 1):
+        return _fail("generate", f"need a finite --temperature >= 0 and 0 < --top-p <= 1, got {args.temperature}, "
+                     f"{args.top_p}")  # fmt: skip
+    if (error := _device_error(args.device)) is not None:
+        return _fail("generate", error)
     try:
         model, tokenizer = inference.load_checkpoint(args.checkpoint, base=args.base, device=args.device,
                                                      dtype=args.dtype)  # fmt: skip
@@ -117,6 +122,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         path = overrides.pop(0)
     elif (run_config := inference.run_config_path(args.checkpoint)) is not None:
         path = run_config  # the same data, template and seed settings the run was evaluated with
+    if (error := _device_error(args.device)) is not None:
+        return _fail("eval", error)
+    if args.json not in (None, "-") and not Path(args.json).resolve().parent.is_dir():
+        return _fail("eval", f"--json {args.json}: its directory does not exist")  # before evaluating, not after
     try:
         inference.inspect_checkpoint(args.checkpoint)  # before the config: a wrong path is the likelier mistake
         config = load_config(path, overrides)
@@ -128,10 +137,29 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(text)
         return 0
     print((f"config: {path}\n" if path is not None else "") + result.summary())
-    if args.json is not None:
-        with open(args.json, "w") as file:
-            file.write(text + "\n")
+    if args.json is not None:  # written whole or not at all
+        target = Path(args.json)
+        partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+        partial.write_text(text + "\n")
+        os.replace(partial, target)
     return 0
+
+
+def _device_error(device: str | None) -> str | None:
+    """Why --device is unusable (None when it is fine or not given)."""
+    if device is None:
+        return None
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        return f"--device {device!r} is not a device (cpu, cuda, cuda:1, ...)"
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {device}: no CUDA device here"
+    if parsed.type not in ("cpu", "cuda"):
+        return f"--device {device}: only cpu and cuda are supported"
+    return None
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:

@@ -4,6 +4,8 @@ import copy
 import io
 import json
 import shutil
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -276,3 +278,51 @@ def test_eval_config_errors_exit_2(full_checkpoint, capsys):
     assert "data.eval" in capsys.readouterr().err
     assert main(["eval", str(full_checkpoint), "optimizer.no_such_key=1"]) == 2
     assert "no_such_key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("style", ["llama3", "chatml", "mistral", "gemma"])
+def test_the_end_of_turn_token_training_supervised_stops_generation(style):
+    """Llama 3 ends a reply with <|eot_id|>, Gemma with <end_of_turn>: not their base models' EOS. The stop
+    ids include it (found from the template), so a fine-tuned model stops where it was trained to."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _chat_tokenizers import STYLES, make_tokenizer
+
+    tokenizer = make_tokenizer(style)
+    expected = tokenizer.convert_tokens_to_ids(STYLES[style].end_of_turn)
+    assert inference.end_of_turn_id(tokenizer) == expected
+    model = types.SimpleNamespace(generation_config=types.SimpleNamespace(eos_token_id=None))
+    assert expected in inference._stop_token_ids(model, tokenizer, "any prompt")
+
+
+def test_merge_refuses_an_output_dir_holding_the_checkpoint(lora_checkpoint, capsys):
+    """`fastsft merge run/checkpoint-4 run --force` would replace the run directory, the checkpoint with it."""
+    run = lora_checkpoint.parent
+    before = sorted(p.name for p in run.iterdir())
+    assert main(["merge", str(lora_checkpoint), str(run), "--force"]) == 2
+    assert "must not be, contain or lie inside the checkpoint" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_bad_devices_temperatures_and_json_targets_exit_2_before_any_work(full_checkpoint, tmp_path, capsys):
+    assert main(["generate", str(full_checkpoint), "--prompt", "hi", "--device", "bogus"]) == 2
+    assert "--device 'bogus' is not a device" in capsys.readouterr().err
+    assert main(["generate", str(full_checkpoint), "--prompt", "hi", "--temperature", "nan"]) == 2
+    assert "finite --temperature" in capsys.readouterr().err
+    assert main(["eval", str(full_checkpoint), "--json", str(tmp_path / "missing" / "x.json")]) == 2
+    assert "its directory does not exist" in capsys.readouterr().err
+
+
+def test_an_adapter_on_the_wrong_base_is_one_line_exit_2(lora_checkpoint, tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = tmp_path / "other"
+    LlamaForCausalLM(LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(other)  # fmt: skip
+    tiny_tokenizer().save_pretrained(other)
+    capsys.readouterr()  # what saving printed
+    assert main(["generate", str(lora_checkpoint), "--base", str(other), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("fastsft generate:")]
+    assert len(errors) == 1 and "does not fit the base model" in errors[0] and "Traceback" not in err, err

@@ -291,6 +291,9 @@ def test_resuming_applies_the_configs_optimizer_settings(tmp_path):
         assert groups == [(pytest.approx(1e-5), 0.1), (pytest.approx(1e-5), 0.0)]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in records if "lr" in r and r["step"] > 6] == [pytest.approx(1e-5)] * 2
+    # config.yaml is the resumed run's; the settings that trained the first 6 steps are kept beside it.
+    assert load_config(tmp_path / "run" / "config.yaml", []).optimizer.lr == 1e-5
+    assert load_config(tmp_path / "run" / "config-before-step-6.yaml", []).optimizer.lr == 2e-3
 
 
 def test_a_mid_epoch_resume_with_another_layout_is_refused(tmp_path):
@@ -375,3 +378,78 @@ def test_the_loop_generates_with_the_runs_template(tmp_path, monkeypatch):
     config = small_config(tmp_path, "schedule.max_steps=2", "eval.exact_match=true", f"data.chat_template={template}")
     loop.train(config, log=lambda *_: None)
     assert calls == [template, template]  # before and after training
+
+
+def test_an_epoch_boundary_checkpoint_resumes_with_another_layout(tmp_path):
+    """A checkpoint at an epoch's end records the next epoch's start, so it resumes with another grad_accum
+    (or number of ranks); schedule.epochs then counts the next epoch in the new layout."""
+    one_epoch = small_config(tmp_path, "schedule.max_steps=null", "schedule.epochs=1", "checkpointing.every_steps=null")
+    first = loop.train(one_epoch, log=lambda *_: None)
+    state = json.loads((tmp_path / "run" / f"checkpoint-{first.steps}" / ckpt.STATE_JSON).read_text())
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 0)
+    two_epochs = small_config(tmp_path, "schedule.max_steps=null", "schedule.epochs=2", "distributed.grad_accum=2",
+                              "checkpointing.every_steps=null")  # fmt: skip
+    second = loop.train(two_epochs, log=lambda *_: None)
+    data = prepare_dataset(synthetic_records(300, seed=0, split="train"), tiny_tokenizer(), max_seq_len=256,
+                           cache_dir=tmp_path / "cache")  # fmt: skip
+    epoch_1_steps = PackedLoader(data, max_tokens=512, grad_accum=2).num_steps(1)
+    assert second.steps == first.steps + epoch_1_steps
+    assert epoch_1_steps < first.steps  # the new layout: about half the steps per epoch
+
+
+def test_a_finished_run_run_again_changes_nothing(tmp_path):
+    config = small_config(tmp_path, "schedule.max_steps=4", "eval.every_steps=null")
+    first = loop.train(config, log=lambda *_: None)
+    run = tmp_path / "run"
+    files = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    lines = []
+    again = loop.train(config, log=lines.append)
+    assert any("nothing to do" in line for line in lines)
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == files  # nothing rewritten
+    assert (again.steps, again.final_loss, again.eval_loss) == (first.steps, first.final_loss, first.eval_loss)
+
+
+def test_a_kill_between_retiring_and_publishing_a_step_restores_it(tmp_path):
+    """Saving step N again (the end of a run resumed at N) retires the old copy first; killed right then, the
+    next start puts the retired copy back instead of deleting it."""
+    loop.train(small_config(tmp_path, "schedule.max_steps=6", "data.eval=null"), log=lambda *_: None)
+    run = tmp_path / "run"
+    (run / "checkpoint-6").rename(run / ".checkpoint-6.retired-4242")
+    ckpt.remove_stale_staging(run)
+    assert [p.name for p in ckpt.checkpoints(run)] == ["checkpoint-6"]
+
+
+def test_checkpoints_carry_the_training_template_and_an_absolute_base_path(tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}[assistant] {% endif %}")  # fmt: skip
+    model_dir = tmp_path / "model"
+    tiny_model(seed=0).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    monkeypatch.chdir(tmp_path)
+    config = small_config(tmp_path, "schedule.max_steps=2", "data.eval=null", f"data.chat_template={template}",
+                          "model.name_or_path=model", "lora.enabled=true")  # fmt: skip
+    loop.train(config, log=lambda *_: None)
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    assert AutoTokenizer.from_pretrained(checkpoint).chat_template == template
+    assert ckpt.load_meta(checkpoint)["base_model"] == str(model_dir.resolve())
+
+
+def test_the_step_normaliser_reaches_the_model_as_an_integer(monkeypatch):
+    """FSDP's mixed-precision policy casts floating inputs to bf16, which would round the supervised-token
+    count (1001 -> 1000): the loop passes it as an int64 tensor."""
+    tokenizer = tiny_tokenizer()
+    data = prepare_dataset(synthetic_records(16, seed=0), tokenizer, max_seq_len=256, use_cache=False)
+    step = next(PackedLoader(data, max_tokens=300, grad_accum=2).steps(0))
+    model = fastsft.patch(tiny_model(seed=0))
+    seen = []
+    forward = model.forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["num_items_in_batch"])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", spy)
+    loop._forward_backward(model, step, torch.device("cpu"), None)
+    assert [(n.dtype, int(n)) for n in seen] == [(torch.int64, sum(mb.num_supervised for mb in step))] * len(step)

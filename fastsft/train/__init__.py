@@ -1,8 +1,8 @@
 """Training: the loop behind `fastsft train`, its config, checkpoints, metrics and the built-in default job.
 
-    from fastsft.train import load_config, train
-    result = train(load_config("job.yaml", ["optimizer.lr=1e-5"]))   # exactly what `fastsft train job.yaml ...` runs
-    result.run_dir, result.losses, result.eval_loss, result.exact_match_after
+from fastsft.train import load_config, train
+result = train(load_config("job.yaml", ["optimizer.lr=1e-5"]))   # exactly what `fastsft train job.yaml ...` runs
+result.run_dir, result.losses, result.eval_loss, result.exact_match_after
 """
 
 from .config import ConfigError, TrainConfig, load_config

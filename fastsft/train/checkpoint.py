@@ -59,8 +59,15 @@ def checkpoint_step(path: Path) -> int:
 
 
 def remove_stale_staging(run_dir: Path) -> None:
-    """Delete the half-written `.checkpoint-*.partial-*` / `.retired-*` directories a killed run left."""
-    for path in Path(run_dir).glob(".checkpoint-*"):
+    """Clean up after a run killed mid-save: a `.checkpoint-N.retired-*` whose checkpoint-N is missing (killed
+    between retiring the old copy of a step and publishing the new one) is put back; every other
+    `.checkpoint-*.partial-*` / `.retired-*` directory is half-written or superseded and is deleted."""
+    run_dir = Path(run_dir)
+    for path in sorted(run_dir.glob(".checkpoint-*.retired-*")):
+        final = run_dir / path.name[1:].split(".retired-")[0]
+        if not final.exists() and (path / STATE_FILE).is_file():
+            os.replace(path, final)
+    for path in run_dir.glob(".checkpoint-*"):
         if ".partial-" in path.name or ".retired-" in path.name:
             shutil.rmtree(path, ignore_errors=True)
 

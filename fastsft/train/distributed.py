@@ -8,15 +8,17 @@ CUDA, gloo on CPU, so the same code is tested with CPU processes). Strategies:
 - "fsdp": FSDP2. `fully_shard` on every decoder layer (the model's `_no_split_modules` classes), then on the
   root (embeddings, final norm and lm_head, tied or not, are one unit that the loss's forward gathers).
   Parameters, gradients and AdamW states are sharded: fp32 master weights cost 16 bytes / world_size per
-  parameter. Compute runs under the loop's autocast, so the all-gathered parameters are fp32.
+  parameter. With bf16 compute the parameters are all-gathered in bf16 (MixedPrecisionPolicy) and gradients
+  reduce-scattered in fp32; with fp32 compute everything stays fp32. Only rank 0 reads the weights: the other
+  ranks shard a weightless meta-device copy and receive their shards (`materialize`).
 - "ddp": a replicated model (`DistributedDataParallel`), gradients all-reduced once per optimizer step
   (`no_sync` on the step's earlier micro-batches). For models whose optimizer states fit on one device.
 - "none": one process.
 
 Gradient scale: both strategies average gradients over ranks, so the loop divides each rank's summed loss by
-(supervised tokens of the whole step on all ranks) / world_size: the average over ranks is then exactly the
-sum over every rank's supervised tokens divided by their total count, the gradient of one process that ran all
-micro-batches (tested: 2 processes with grad_accum g equal 1 process with 2g).
+the supervised tokens of the whole step on all ranks and backpropagates it times world_size: the average over
+ranks is then exactly the sum over every rank's supervised tokens divided by their total count, the gradient
+of one process that ran all micro-batches (tested: 2 processes with grad_accum g equal 1 process with 2g).
 """
 
 from __future__ import annotations

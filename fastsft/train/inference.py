@@ -100,9 +100,14 @@ def _load_full(path: Path, *, trust_remote_code: bool = False):
         model = AutoModelForCausalLM.from_pretrained(
             path, local_files_only=True, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=torch.float32
         )
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot be loaded as a Hugging Face causal LM: {exc}") from exc
+    except Exception as exc:  # OSError, ValueError, a size mismatch, a truncated safetensors file, ...
+        raise CheckpointError(f"{path}: cannot be loaded as a Hugging Face causal LM: {_first_line(exc)}") from exc
     return model, tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0] + (" (...)" if "\n" in text else "")
 
 
 def _load_base(info: CheckpointInfo, base: str | os.PathLike | None, *, trust_remote_code: bool = False):
@@ -151,7 +156,12 @@ def _load_unpatched(path, *, base=None, trust_remote_code: bool = False):
         return model, tokenizer, info, None
     peft = _peft(info.path)
     base_model, base_tokenizer, base_name = _load_base(info, base, trust_remote_code=trust_remote_code)
-    model = peft.PeftModel.from_pretrained(base_model, info.path, is_trainable=False)
+    try:
+        model = peft.PeftModel.from_pretrained(base_model, info.path, is_trainable=False)
+    except Exception as exc:  # e.g. --base pointing at another architecture: a multi-line size mismatch
+        raise CheckpointError(
+            f"{info.path}: the adapter does not fit the base model {base_name!r}: {_first_line(exc)}"
+        ) from exc
     tokenizer = _checkpoint_tokenizer(info, base_tokenizer, trust_remote_code=trust_remote_code)
     return model, tokenizer, info, base_name
 
@@ -186,19 +196,47 @@ def load_checkpoint(
 # --------------------------------------------------------------------------------------------------
 
 
-def _stop_token_ids(model, tokenizer, prompt: str) -> list[int]:
-    """Every id that ends a reply: the generation config's EOS ids, the tokenizer's EOS, and ChatML's
-    <|im_end|> when the prompt is ChatML (a base model fine-tuned on ChatML may not call it EOS)."""
+def _stop_token_ids(model, tokenizer, prompt: str, chat_template: str | None = None) -> list[int]:
+    """Every id that ends a reply: the generation config's EOS ids, the tokenizer's EOS, the end-of-turn
+    token the chat template puts after a reply (what fastsft.data trains the model to emit: <|eot_id|> for
+    Llama 3, <end_of_turn> for Gemma, which a base model's EOS is not), and ChatML's <|im_end|> when the
+    prompt is ChatML."""
     ids: list[int] = []
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in [*(eos if isinstance(eos, (list, tuple)) else [eos]), tokenizer.eos_token_id]:
-        if value is not None and value not in ids:
-            ids.append(int(value))
+    candidates = [*(eos if isinstance(eos, (list, tuple)) else [eos]), tokenizer.eos_token_id]
+    candidates.append(end_of_turn_id(tokenizer, chat_template))
     if "<|im_end|>" in prompt:
         im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end not in ids:
-            ids.append(im_end)
+        if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+            candidates.append(im_end)
+    for value in candidates:
+        if value is not None and int(value) not in ids:
+            ids.append(int(value))
     return ids
+
+
+def end_of_turn_id(tokenizer, chat_template: str | None = None) -> int | None:
+    """The special token the chat template writes right after an assistant reply (whitespace aside), or None
+    when it writes plain text there. Found by rendering a one-turn chat around a sentinel reply."""
+    from fastsft.data.templates import resolve_chat_template, special_token_ids
+
+    sentinel = "fastsftreplysentinel"
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": sentinel}]
+    try:
+        template = resolve_chat_template(tokenizer, chat_template)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, chat_template=template)
+    except Exception:  # a template that refuses this conversation: rely on the EOS ids
+        return None
+    at = text.rfind(sentinel)
+    if at < 0:
+        return None
+    specials = special_token_ids(tokenizer)
+    for token in tokenizer(text[at + len(sentinel) :], add_special_tokens=False)["input_ids"]:
+        if token in specials:
+            return int(token)
+        if tokenizer.decode([token]).strip():  # text before any special token: no end-of-turn token
+            return None
+    return None
 
 
 def render_prompt(tokenizer, messages: list[dict], chat_template: str | None = None) -> str:
@@ -234,7 +272,7 @@ def generate_reply(
     device = next(model.parameters()).device
     # The rendered template already carries its BOS: add_special_tokens=False keeps it from being doubled.
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=device)
-    stop = _stop_token_ids(model, tokenizer, prompt)
+    stop = _stop_token_ids(model, tokenizer, prompt, chat_template)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
     if not sampling:
         sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}  # silence sampling warnings
@@ -437,8 +475,12 @@ def merge_lora(
             "with AutoModelForCausalLM.from_pretrained)"
         )
     output_dir = Path(output_dir)
-    if output_dir.resolve() == info.path.resolve():
-        raise CheckpointError(f"{output_dir}: the output directory must not be the checkpoint itself")
+    out, source = output_dir.resolve(), info.path.resolve()
+    if out == source or out in source.parents or source in out.parents:
+        raise CheckpointError(
+            f"{output_dir}: the output directory must not be, contain or lie inside the checkpoint {info.path} "
+            "(replacing it would delete what is being merged)"
+        )
     if output_dir.exists():
         if not output_dir.is_dir():
             raise CheckpointError(f"{output_dir}: exists and is not a directory")

@@ -204,15 +204,16 @@ def _forward_backward(model, step_batches, device, autocast_dtype, dist: Distrib
     """Run one optimizer step's micro-batches on this rank.
 
     The step's supervised-token count (every micro-batch, every rank) is summed on device before the first
-    forward; each micro-batch's loss is its summed token loss over count / world_size (ranks' gradients are
-    averaged, see distributed.py), so the accumulated gradient is the one-big-batch gradient.
-    Returns (this rank's summed micro-batch losses as a 0-d tensor, real tokens, supervised tokens on this rank).
+    forward; each micro-batch's loss is its summed token loss over that count, backpropagated times
+    world_size (the ranks' gradients are averaged, see distributed.py), so the accumulated gradient is the
+    one-big-batch gradient. Returns (this rank's summed micro-batch losses as a 0-d tensor: their sum over
+    ranks is the step's loss; real tokens, supervised tokens on this rank).
     """
     dist = dist or Distributed()
     local_supervised = int(sum(mb.num_supervised for mb in step_batches))
-    supervised = torch.tensor(float(local_supervised), device=device)
-    dist.all_reduce_sum(supervised)
-    num_items = supervised / dist.world_size if dist.world_size > 1 else supervised
+    # An integer tensor: FSDP's mixed-precision policy casts floating inputs to bf16, which would round the
+    # count (1001 -> 1000). The ranks' gradients are averaged, so the loss is scaled by world_size outside.
+    num_items = dist.all_reduce_sum(torch.tensor(local_supervised, device=device, dtype=torch.int64))
     total_loss = torch.zeros((), device=device)
     tokens = 0
     for index, mb in enumerate(step_batches):
@@ -224,7 +225,7 @@ def _forward_backward(model, step_batches, device, autocast_dtype, dist: Distrib
                 # then uses the already shifted shift_labels, as fastsft's does.
                 out = model(**mb.model_inputs(), cu_seq_lens_q=mb.cu_seqlens, max_length_q=mb.max_seqlen,
                             labels=mb.labels, shift_labels=mb.labels, num_items_in_batch=num_items)  # fmt: skip
-            out.loss.backward()
+            (out.loss * dist.world_size if dist.world_size > 1 else out.loss).backward()
         total_loss += out.loss.detach()
         tokens += mb.num_tokens
     return total_loss, tokens, local_supervised
@@ -282,7 +283,8 @@ def exact_match(model, tokenizer, items, device, max_new_tokens: int = 12,
         ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=device)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=_stop_token_ids(model, tokenizer, prompt), pad_token_id=pad)  # fmt: skip
+                             eos_token_id=_stop_token_ids(model, tokenizer, prompt, chat_template),
+                             pad_token_id=pad)  # fmt: skip
         predictions.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
     model.train(was_training)
     return score_exact_match(predictions, [answer for _, answer in items]), predictions
@@ -331,10 +333,11 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
         _require_matplotlib()  # now, not after hours of training
     run_dir = Path(dist.all_gather_object(str(_run_dir(config)))[0])  # rank 0's timestamp names the run
     resume_from = _resume_checkpoint(config, run_dir)  # every rank: a bad resume setting fails everywhere alike
+    dist.check_same("the checkpoint to resume from (is output_dir on a filesystem every rank sees?)", str(resume_from))
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_stale_staging(run_dir)  # left by a run killed mid-save
-        config.dump(run_dir)
+        _record_config(config, run_dir, resume_from)
 
     # FSDP: only rank 0 holds the whole model's weights (on the CPU); every rank shards a weightless copy and
     # receives its shards from rank 0, so CPU memory holds one model, not one per process.
@@ -354,6 +357,11 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
 
     with dist.main_first():  # rank 0 tokenizes and publishes the cache; the others then map it
         train_data, eval_data = _datasets(config, tokenizer)
+    # Checkpoints carry the template training rendered with (data.chat_template, the tokenizer's, or the
+    # ChatML fallback), so generation with them (fastsft generate, vLLM, HF pipelines) prompts the same way.
+    from fastsft.data.templates import resolve_chat_template
+
+    tokenizer.chat_template = resolve_chat_template(tokenizer, config.data.chat_template)
     data_fingerprint = fingerprint(train_data.tokens, train_data.trained, train_data.offsets)
     dist.check_same("the tokenized training data", data_fingerprint)
     log(f"data: {train_data.report.summary()}")
@@ -363,13 +371,6 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
     # Eval: the whole held-out packing, the same whatever the number of ranks (evaluate_loss deals it).
     eval_loader = PackedLoader(eval_data, max_tokens=config.packing.max_tokens) if eval_data is not None else None
     steps_per_epoch = loader.num_steps(0)
-    total_steps = config.schedule.max_steps
-    if config.schedule.epochs is not None:
-        by_epochs = math.ceil(config.schedule.epochs * steps_per_epoch)
-        total_steps = by_epochs if total_steps is None else min(total_steps, by_epochs)
-    ranks = f" on {dist.world_size} ranks ({dist.strategy})" if dist.enabled else ""
-    efficiency = loader.efficiency(0)
-    log(f"{steps_per_epoch} steps per epoch (packing efficiency {efficiency:.1%}){ranks}; {total_steps} steps")
 
     def layout(epoch: int) -> str:
         """What a mid-epoch position means: this epoch's micro-batches and their grouping into steps."""
@@ -395,6 +396,13 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
                 "at an epoch boundary"
             )
         log(f"resumed from {resume_from} at step {position.step}")
+    total_steps = _total_steps(config, loader, position)
+    ranks = f" on {dist.world_size} ranks ({dist.strategy})" if dist.enabled else ""
+    efficiency = loader.efficiency(0)
+    log(f"{steps_per_epoch} steps per epoch (packing efficiency {efficiency:.1%}){ranks}; {total_steps} steps")
+    if resume_from is not None and position.step >= total_steps:
+        log(f"{resume_from} is the end of this run ({total_steps} steps): nothing to do")
+        return _finished_result(run_dir, position)
 
     items = []
     result = TrainResult(run_dir, position.step, None)
@@ -456,12 +464,15 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
     pending_losses: list[torch.Tensor] = []
     pending_norms: list[torch.Tensor] = []
     evaluated_at = [-1]
+    final_window_loss: list[float | None] = [None]
     report_every = max(config.logging.every_steps, total_steps // 20)
     next_report = [position.step + report_every]
     consecutive_skips = 0
     trainable = [p for p in model.parameters() if p.requires_grad]
     try:
         while position.step < total_steps:
+            if position.step_in_epoch >= loader.num_steps(position.epoch):  # (a checkpoint of an older layout)
+                position.epoch, position.step_in_epoch = position.epoch + 1, 0
             for step_batches in loader.steps(position.epoch, start_step=position.step_in_epoch):
                 window["flops"] += sum(count_flops(mb.cu_seqlens.diff(), lm_head_tokens=mb.num_supervised,
                                                    full_backward=full_backward)
@@ -488,6 +499,10 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
                 scheduler.step()
                 position.step += 1
                 position.step_in_epoch += 1
+                if position.step_in_epoch == loader.num_steps(position.epoch):
+                    # The epoch's last step: the position is the next epoch's start (so a checkpoint here is
+                    # at an epoch boundary, which any layout can resume). The for loop ends by itself.
+                    position.epoch, position.step_in_epoch = position.epoch + 1, 0
                 unsynced[0] += tokens
                 unsynced[1] += supervised
                 pending_losses.append(step_loss)  # stays on the device until a log step
@@ -501,13 +516,14 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
                     summed = torch.cat([torch.stack(pending_losses).double(),
                                         torch.tensor(counts, device=device, dtype=torch.float64)])  # fmt: skip
                     summed = dist.all_reduce_sum(summed).tolist()
-                    values = [v / dist.world_size for v in summed[:-3]]
+                    values = summed[:-3]  # each the step's loss: the ranks' shares summed
                     tokens_all, supervised_all, flops_all = summed[-3:]
                     norm = torch.stack(pending_norms).mean().item() if pending_norms else float("nan")
                     pending_losses.clear()
                     pending_norms.clear()
                     sync_counts()
                     result.losses.extend(values)
+                    final_window_loss[0] = sum(values) / len(values)
                     if bar is not None:
                         bar.set_postfix(loss=f"{values[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                     elapsed = time.perf_counter() - window["time"]
@@ -542,9 +558,6 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
                 window["time"] += time.perf_counter() - paused
                 if position.step >= total_steps:
                     break
-            else:  # the epoch ran out
-                position.epoch += 1
-                position.step_in_epoch = 0
     finally:
         if bar is not None:
             bar.close()
@@ -572,10 +585,51 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
         )
     result.steps = position.step
     result.skipped_steps = position.skipped_steps
-    result.final_loss = result.losses[-1] if result.losses else None
+    result.final_loss = final_window_loss[0]
     if dist.is_main:
         (run_dir / "result.json").write_text(json.dumps(_jsonable(result), indent=1))
     return result
+
+
+def _total_steps(config: TrainConfig, loader: PackedLoader, position: ckpt.Position) -> int:
+    """Optimizer steps of the whole run: schedule.max_steps, and/or schedule.epochs counted in this run's
+    layout from where `position` stands (epochs can differ by a step as the packing changes; a resumed run
+    may group micro-batches differently from the run that wrote its checkpoint)."""
+    total = config.schedule.max_steps
+    epochs = config.schedule.epochs
+    if epochs is not None:
+        whole, fraction = int(math.floor(epochs)), epochs - math.floor(epochs)
+        by_epochs = position.step
+        for epoch in range(position.epoch, whole + (1 if fraction > 0 else 0)):
+            steps = loader.num_steps(epoch)
+            end = steps if epoch < whole else math.ceil(fraction * steps)
+            by_epochs += max(0, end - (position.step_in_epoch if epoch == position.epoch else 0))
+        total = by_epochs if total is None else min(total, by_epochs)
+    return total
+
+
+def _finished_result(run_dir: Path, position: ckpt.Position) -> TrainResult:
+    """A resumed run with nothing left to do: what the run recorded, nothing rewritten."""
+    result = TrainResult(run_dir, position.step, None, skipped_steps=position.skipped_steps)
+    recorded = run_dir / "result.json"
+    if recorded.is_file():
+        data = json.loads(recorded.read_text())
+        for key in ("final_loss", "eval_loss", "exact_match_before", "exact_match_after", "losses"):
+            setattr(result, key, data.get(key, getattr(result, key)))
+        result.samples = [tuple(sample) for sample in data.get("samples", [])]
+    return result
+
+
+def _record_config(config: TrainConfig, run_dir: Path, resume_from: Path | None) -> None:
+    """config.yaml: written when new or changed; a resumed run with other settings keeps the earlier file as
+    config-before-step-<N>.yaml, so the record of what trained the first N steps is not lost."""
+    path = run_dir / "config.yaml"
+    if path.is_file():
+        if path.read_text().endswith(config.to_yaml()):  # the same settings (below the comment header)
+            return
+        step = ckpt.checkpoint_step(resume_from) if resume_from is not None else 0
+        path.replace(run_dir / f"config-before-step-{max(step, 0)}.yaml")
+    config.dump(run_dir)
 
 
 def _require_matplotlib() -> None:
@@ -590,6 +644,9 @@ def _apply_optimizer_config(optimizer, scheduler, config: TrainConfig) -> None:
     and weight decay), put the config's values back: a resumed run follows its config."""
     opt = config.optimizer
     for group in optimizer.param_groups:
+        for key in ("fused", "foreach", "capturable", "differentiable", "maximize", "amsgrad"):
+            if key in optimizer.defaults:  # implementation flags: this run's, not the checkpoint's
+                group[key] = optimizer.defaults[key]
         group["betas"], group["eps"] = tuple(opt.betas), opt.eps
         group["weight_decay"] = opt.weight_decay if group.get("fastsft_decay", True) else 0.0
         group["initial_lr"] = opt.lr
@@ -625,7 +682,9 @@ def _generation_model(config: TrainConfig, model, checkpoint: Path, dist: Distri
 
 
 def _checkpoint_meta(config: TrainConfig) -> dict:
-    return {"base_model": config.model.name_or_path, "seed": config.seed, "lora": config.lora.enabled,
+    base = config.model.name_or_path
+    base = base if base == "tiny" else str(Path(base).resolve())  # usable from any working directory
+    return {"base_model": base, "seed": config.seed, "lora": config.lora.enabled,
             "fastsft_version": fastsft.__version__}  # fmt: skip
 
 
