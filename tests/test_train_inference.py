@@ -293,7 +293,7 @@ def test_the_end_of_turn_token_training_supervised_stops_generation(style):
     expected = tokenizer.convert_tokens_to_ids(STYLES[style].end_of_turn)
     assert inference.end_of_turn_id(tokenizer) == expected
     model = types.SimpleNamespace(generation_config=types.SimpleNamespace(eos_token_id=None))
-    assert expected in inference._stop_token_ids(model, tokenizer, "any prompt")
+    assert expected in inference.stop_token_ids(model, tokenizer, "any prompt")
 
 
 def test_merge_refuses_an_output_dir_holding_the_checkpoint(lora_checkpoint, capsys):

@@ -196,7 +196,7 @@ def load_checkpoint(
 # --------------------------------------------------------------------------------------------------
 
 
-def _stop_token_ids(model, tokenizer, prompt: str, chat_template: str | None = None) -> list[int]:
+def stop_token_ids(model, tokenizer, prompt: str, chat_template: str | None = None) -> list[int]:
     """Every id that ends a reply: the generation config's EOS ids, the tokenizer's EOS, the end-of-turn
     token the chat template puts after a reply (what fastsft.data trains the model to emit: <|eot_id|> for
     Llama 3, <end_of_turn> for Gemma, which a base model's EOS is not), and ChatML's <|im_end|> when the
@@ -272,7 +272,7 @@ def generate_reply(
     device = next(model.parameters()).device
     # The rendered template already carries its BOS: add_special_tokens=False keeps it from being doubled.
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=device)
-    stop = _stop_token_ids(model, tokenizer, prompt, chat_template)
+    stop = stop_token_ids(model, tokenizer, prompt, chat_template)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
     if not sampling:
         sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}  # silence sampling warnings

@@ -272,7 +272,7 @@ def exact_match(model, tokenizer, items, device, max_new_tokens: int = 12,
     """Greedy answers to held-out items [(messages, answer)] and their exact-match score. Prompts are rendered
     with the template training used (`chat_template`: the run's data.chat_template, else the tokenizer's,
     else ChatML) and every end-of-reply token stops generation."""
-    from .inference import _stop_token_ids, render_prompt
+    from .inference import render_prompt, stop_token_ids
     from .synthetic import score_exact_match
 
     was_training = model.training
@@ -283,7 +283,7 @@ def exact_match(model, tokenizer, items, device, max_new_tokens: int = 12,
         ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=device)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=_stop_token_ids(model, tokenizer, prompt, chat_template),
+                             eos_token_id=stop_token_ids(model, tokenizer, prompt, chat_template),
                              pad_token_id=pad)  # fmt: skip
         predictions.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
     model.train(was_training)
