@@ -1,6 +1,12 @@
-"""Build script: maps kernels/ -> fastsft.kernels and builds the optional native extension fastsft._C.
+"""Build script: installs the top-level kernels/ folder as fastsft.kernels and builds the optional native
+extension fastsft._C.
 
 Everything else (metadata, dependencies) lives in pyproject.toml.
+
+kernels/ has no __init__.py (so that a clone's root never shadows Hugging Face's `kernels` package); the
+package `fastsft.kernels` is fastsft/kernels/__init__.py. A wheel or a regular install copies kernels/*.py
+beside that __init__.py (`_BuildPyWithKernels`); an editable install copies nothing and the package's
+__path__ reaches the clone's kernels/ folder (see fastsft/kernels/__init__.py).
 
 fastsft._C is plain C++ against the CPython API (no torch headers, so it builds inside pip's isolated
 build environment without pulling a torch wheel). It is optional twice over: `optional=True` makes a
@@ -12,6 +18,22 @@ import glob
 import os
 
 from setuptools import Extension, setup
+from setuptools.command.build_py import build_py
+
+KERNELS_PACKAGE = "fastsft.kernels"
+KERNEL_SOURCES = "kernels"
+
+
+class _BuildPyWithKernels(build_py):
+    """build_py that lists kernels/*.py as modules of fastsft.kernels (wheel, sdist and regular installs)."""
+
+    def find_package_modules(self, package, package_dir):
+        modules = super().find_package_modules(package, package_dir)
+        if package == KERNELS_PACKAGE:
+            for path in sorted(glob.glob(os.path.join(KERNEL_SOURCES, "*.py"))):
+                modules.append((package, os.path.splitext(os.path.basename(path))[0], path))
+        return modules
+
 
 native_sources = sorted(glob.glob("csrc/*.cpp"))
 ext_modules = []
@@ -33,8 +55,8 @@ setup(
         "fastsft.patch",
         "fastsft.data",
         "fastsft.train",
-        "fastsft.kernels",
+        KERNELS_PACKAGE,
     ],
-    package_dir={"fastsft": "fastsft", "fastsft.kernels": "kernels"},
+    cmdclass={"build_py": _BuildPyWithKernels},
     ext_modules=ext_modules,
 )

@@ -1,11 +1,16 @@
-"""Packaging: kernels/ installs as fastsft.kernels (editable and wheel), the optional native extension
-builds and degrades cleanly, and the command line answers."""
+"""Packaging: kernels/ installs as fastsft.kernels (editable and wheel) without shadowing Hugging Face's
+`kernels` package from a clone's root, the optional native extension builds and degrades cleanly, and the
+command line answers."""
 
+import importlib.machinery
+import importlib.util
 import os
 import re
 import shutil
+import site
 import subprocess
 import sys
+import textwrap
 import types
 import zipfile
 from pathlib import Path
@@ -22,6 +27,107 @@ def test_kernels_subpackage_maps_to_kernels_dir():
     import fastsft.kernels.linear_cross_entropy as module
 
     assert Path(module.__file__).resolve().parent.name == "kernels"
+
+
+# --- The top-level kernels/ folder never stands in for Hugging Face's `kernels` (transformers >= 5.25
+# imports it from transformers.integrations.hub_kernels). Each probe runs `python -c` from the repo root,
+# where '' heads sys.path exactly as it does for `python -m pytest` or a user's script in a clone.
+
+_PROBE = textwrap.dedent(
+    """
+    import json, sys, site
+    for extra in sys.argv[1:]:
+        site.addsitedir(extra)
+    import kernels
+    from transformers.utils import import_utils
+    import transformers.integrations.hub_kernels  # what failed with `cannot import name 'CUDAProperties'`
+    print(json.dumps({
+        "kernels_file": getattr(kernels, "__file__", None),
+        "available": import_utils.is_kernels_available(),
+        "found": list(import_utils._is_package_available("kernels", return_version=True)),
+    }))
+    """
+)
+
+
+def _probe_from_repo_root(*site_dirs, isolated=False):
+    """Run _PROBE from the clone's root; `isolated` starts without site-packages (-S), so only `site_dirs`
+    provide packages (their .pth files, fastsft's editable finder among them, still run)."""
+    import json
+
+    command = [sys.executable, *(["-S"] if isolated else []), "-c", _PROBE, *map(str, site_dirs)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def site_without_hf_kernels(tmp_path):
+    """A site directory holding every installed package except Hugging Face's `kernels` (links into this
+    environment's site-packages): what a machine without that distribution looks like."""
+    farm = tmp_path / "site_without_kernels"
+    farm.mkdir()
+    for packages in site.getsitepackages():
+        for entry in Path(packages).iterdir():
+            hidden = entry.name == "kernels" or (entry.name.startswith("kernels-") and entry.name.endswith("-info"))
+            if not hidden and not (farm / entry.name).exists():
+                (farm / entry.name).symlink_to(entry)
+    return farm
+
+
+def _fake_hf_kernels_distribution(root: Path) -> Path:
+    """A tiny installed `kernels` distribution (package + dist-info) at the version this transformers asks
+    for; every name transformers imports from it is a placeholder class."""
+    from transformers.utils.import_utils import KERNELS_MIN_VERSION
+
+    package = root / "kernels"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(
+        f"__version__ = {KERNELS_MIN_VERSION!r}\n"
+        "def __getattr__(name):\n"
+        "    if name.startswith('__'):\n"
+        "        raise AttributeError(name)\n"
+        "    return type(name, (), {})\n"
+    )
+    info = root / f"kernels-{KERNELS_MIN_VERSION}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: kernels\nVersion: {KERNELS_MIN_VERSION}\n")
+    (info / "top_level.txt").write_text("kernels\n")
+    return root
+
+
+def test_repo_root_does_not_shadow_an_installed_hf_kernels(tmp_path, site_without_hf_kernels):
+    fake = _fake_hf_kernels_distribution(tmp_path / "fake_site")
+    found = _probe_from_repo_root(site_without_hf_kernels, fake, isolated=True)
+    assert found["kernels_file"] == str(fake / "kernels" / "__init__.py"), found
+    assert found["available"] is True, found
+
+
+def test_repo_root_does_not_pose_as_hf_kernels_when_it_is_absent(site_without_hf_kernels):
+    found = _probe_from_repo_root(site_without_hf_kernels, isolated=True)
+    # At most a PEP 420 namespace portion (no __file__), which transformers counts as not installed.
+    assert found["kernels_file"] is None, found
+    assert found["available"] is False and found["found"] == [False, "N/A"], found
+
+
+def test_repo_root_with_this_environments_kernels():
+    """This environment as it is: the newest transformers brings the real `kernels` (then it must be the one
+    imported), an older one may not (then transformers must not see one)."""
+    outside_repo = [p for p in sys.path if p and Path(p).resolve() != REPO]
+    installed = importlib.machinery.PathFinder.find_spec("kernels", outside_repo)
+    found = _probe_from_repo_root()
+    if installed is not None and installed.origin:
+        assert found["kernels_file"] == installed.origin, found
+        assert not Path(found["kernels_file"]).resolve().is_relative_to(REPO), found
+    else:
+        assert found["kernels_file"] is None and found["available"] is False, found
+
+
+def test_kernel_sources_stay_out_of_the_package_namespace():
+    """kernels/ must not become a regular package again (that is what shadowed HF's `kernels`)."""
+    assert not (REPO / "kernels" / "__init__.py").exists()
+    assert (REPO / "fastsft" / "kernels" / "__init__.py").is_file()
 
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler")
