@@ -11,6 +11,52 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _backport_interpreter_scalar_index() -> None:
+    """Interpreter only: let `range(start, end, STEP)` take runtime scalars under Triton 3.6 with numpy >= 2.4.
+
+    The interpreter holds every scalar (a runtime int argument, program_id, a loaded value) as a 1-element
+    numpy array, and turns one into a Python int (what Python's `range` and `tl.range` need for a runtime
+    bound) with int(array). Triton 3.6 does that on the array itself, which numpy >= 2.4 refuses for arrays
+    that are not 0-d, so every loop with a runtime bound fails; 3.9 squeezes first (triton-lang/triton#9172).
+    No kernel-side spelling avoids it at no compiled cost: tl.range, tl.cast and arithmetic all end in the
+    same conversion, and a while loop compiles to scf.while, which the pipeliner does not software-pipeline.
+    So, only when the installed interpreter shows the failure, its per-launch patch of tl.tensor is
+    wrapped to convert as 3.9 does. Compiled kernels never pass through here.
+    """
+    import operator
+    import types
+    import warnings
+
+    import numpy as np
+    from triton.runtime import interpreter
+
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is None:
+        return
+
+    class Probe:  # a stand-in tl.tensor holding a scalar the way the interpreter does
+        handle = types.SimpleNamespace(data=np.zeros(1, dtype=np.int32))
+
+    patch_tensor(Probe, types.SimpleNamespace(set_attr=setattr))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)  # numpy 1.25-2.3 warns where 2.4 refuses
+            operator.index(Probe())
+        return  # this Triton / numpy pair converts scalars already
+    except (TypeError, DeprecationWarning):
+        pass
+
+    def patch_tensor_squeezing_index(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_tensor_squeezing_index
+
+
+if interpreting():
+    _backport_interpreter_scalar_index()
+
+
 def dot_config(dtype) -> dict:
     """Constexpr flags for `dot_acc`, chosen from the operands' torch dtype at launch time.
 

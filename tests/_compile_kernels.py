@@ -12,14 +12,15 @@ import sys
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
 
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, compile  # noqa: E402
+
 from fastsft.kernels import activations as act  # noqa: E402
 from fastsft.kernels import attention as attn  # noqa: E402
 from fastsft.kernels import cross_entropy as ce  # noqa: E402
 from fastsft.kernels import linear_cross_entropy as lce  # noqa: E402
 from fastsft.kernels import rms_norm as rms  # noqa: E402
 from fastsft.kernels import rope  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource, compile  # noqa: E402
 
 I64_SCALARS = {"row_offset", "chunk_start"}
 FP32_SCALARS = {"label_smoothing", "z_loss", "softcap", "eps", "offset", "qk_scale", "softcap_log2", "grad_scale"}

@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 from _parity import assert_op_parity
 from conftest import DEVICE, HAS_CUDA, assert_within_torch_error
-from fastsft.kernels import attention as kernels
 
+from fastsft.kernels import attention as kernels
 from fastsft.ops import reference, varlen_attention
 from fastsft.ops.attention import _attention_op
 
