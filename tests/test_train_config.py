@@ -253,6 +253,9 @@ def test_yaml_accepts_empty_files_empty_sections_and_dotted_keys(tmp_path):
         ("checkpointing.resume=never", "checkpointing.resume", "never"),
         ("checkpointing.resume=runs/a/checkpoints/step-100", "checkpointing.resume", "runs/a/checkpoints/step-100"),
         ("schedule.epochs=1.5", "schedule.epochs", 1.5),
+        ("kernels.attention=torch", "kernels.attention", "torch"),
+        ("kernels.attention=flash_attn", "kernels.attention", "flash_attn"),
+        ("kernels.attention=false", "kernels.attention", False),
     ],
 )
 def test_override_values_are_parsed_by_the_keys_type(override, key, expected):
@@ -592,3 +595,8 @@ def test_missing_pyyaml_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "yaml", None)  # `import yaml` now raises ImportError
     assert "PyYAML" in error_of(path)
     assert load_config(None, ["seed=1"]).seed == 1  # overrides alone need no YAML
+
+
+def test_an_unknown_attention_implementation_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"kernels\.attention.*'torch'"):
+        load_config(None, ["kernels.attention=sdpa"])

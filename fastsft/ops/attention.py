@@ -2,10 +2,19 @@
 
 The forward op returns (out, lse); the backward is its own op that recomputes the probabilities from lse
 (FlashAttention-2), so autograd saves q, k, v, out and the fp32 lse [Hq, T] and nothing of size T x T.
+
+`implementation=` picks whose kernels run the same math (ATTENTION_IMPLEMENTATIONS): fastsft's own
+(Triton on CUDA, or FASTSFT_BACKEND's choice), torch's `varlen_attn` (FlashAttention-2 kernels inside
+torch) or flash-attn's varlen function (FlashAttention-3's interface on Hopper when it is installed, else
+FlashAttention-2). The last two are CUDA-only, fp16/bf16-only and bring their own autograd; an option one
+of them does not implement is an error, never ignored.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
 import math
 
 import torch
@@ -148,8 +157,11 @@ def _check_cu_seqlens_values(cu_seqlens: torch.Tensor, n_tokens: int, max_seqlen
         )
 
 
-def _check(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, window, softcap) -> int:
+def _check(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, window, softcap, implementation) -> int:
     """Validate every argument (clear errors naming the tensor, shape and dtype); returns max_seqlen."""
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"{_OP}: implementation must be one of {', '.join(map(repr, ATTENTION_IMPLEMENTATIONS))}, "
+                         f"got {implementation!r}")  # fmt: skip
     check_float(_OP, "q", q, 3, "[T, Hq, D]")
     check_float(_OP, "k", k, 3, "[T, Hk, D]")
     check_float(_OP, "v", v, 3, "[T, Hk, D]")
@@ -186,10 +198,108 @@ def _check(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, window, softc
             raise ValueError(f"{_OP}: window (left context) needs causal=True")
     if softcap is not None and not (math.isfinite(float(softcap)) and float(softcap) > 0):
         raise ValueError(f"{_OP}: softcap must be None or a finite float > 0, got {softcap}")
-    if head_dim > 256 and select_backend(_OP, q) == "triton":
+    if head_dim > 256 and implementation == "fastsft" and select_backend(_OP, q) == "triton":
         raise ValueError(f"{_OP}: the Triton kernels take head dims up to 256, got D = {head_dim}")
     _check_cu_seqlens_values(cu_seqlens, n_tokens, max_seqlen)
     return max_seqlen
+
+
+ATTENTION_IMPLEMENTATIONS = ("fastsft", "torch", "flash_attn")
+
+
+def _torch_varlen_attn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError as exc:
+        raise ImportError(
+            f"attention implementation 'torch' needs torch.nn.attention.varlen.varlen_attn (torch >= 2.11); "
+            f"torch {torch.__version__} has none. Use 'fastsft' (the default)."
+        ) from exc
+    return varlen_attn
+
+
+def _flash_attn_varlen(prefer_hopper: bool):
+    """flash-attn's varlen function: FlashAttention-3's (`flash_attn_interface`, Hopper only) when asked for
+    and installed, else FlashAttention-2's (`flash_attn`)."""
+    names = (("flash_attn_interface",) if prefer_hopper else ()) + ("flash_attn",)
+    for name in names:
+        try:
+            return importlib.import_module(name).flash_attn_varlen_func
+        except (ImportError, AttributeError):
+            continue
+    raise ImportError(
+        "attention implementation 'flash_attn' needs the flash-attn package (FlashAttention-2: `pip install "
+        "flash-attn`; FlashAttention-3 on Hopper: `flash_attn_interface`, built from flash-attention's hopper/ "
+        "folder), and neither `flash_attn` nor `flash_attn_interface` can be imported. Use 'fastsft' (the default)."
+    )
+
+
+def check_attention_implementation(implementation) -> str:
+    """The implementation's name for `fastsft.patch(model, attention=...)`: True -> "fastsft"; "torch" and
+    "flash_attn" must be importable here (ImportError naming what is missing); anything else is a ValueError."""
+    if implementation is True:
+        return "fastsft"
+    if not isinstance(implementation, str) or implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention must be True, False or one of {', '.join(map(repr, ATTENTION_IMPLEMENTATIONS))}; "
+            f"got {implementation!r}"
+        )
+    if implementation == "torch":
+        _torch_varlen_attn()
+    elif implementation == "flash_attn":
+        _flash_attn_varlen(prefer_hopper=True)
+    return implementation
+
+
+@functools.lru_cache(maxsize=4)
+def _parameters(function) -> frozenset[str]:
+    return frozenset(inspect.signature(function).parameters)
+
+
+def _check_flash_inputs(where: str, q: torch.Tensor) -> None:
+    """What the FlashAttention kernels of torch and flash-attn accept: CUDA tensors in float16 / bfloat16."""
+    if not q.is_cuda:
+        raise ValueError(f"{where} runs FlashAttention CUDA kernels; q is on {q.device} (use 'fastsft' there)")
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"{where} takes float16 / bfloat16 (FlashAttention kernels), got q: {describe(q)}")
+
+
+def _external_attention(implementation, q, k, v, cu_seqlens, max_seqlen, causal, scale, window, softcap):
+    """torch's varlen_attn or flash-attn's varlen function on the same arguments as fastsft's kernels.
+
+    Window convention: fastsft's `window` W counts the keys a query sees, itself included; FlashAttention's
+    window_size=(left, right) counts the keys besides it, so left = W - 1, right = 0 (causal)."""
+    where = f"{_OP}(implementation={implementation!r})"
+    _check_flash_inputs(where, q)
+    window_size = ((-1 if window is None else window - 1), 0) if causal else (-1, -1)
+    if implementation == "torch":
+        varlen_attn = _torch_varlen_attn()
+        params = _parameters(varlen_attn)
+        if softcap is not None:
+            raise NotImplementedError(
+                f"{where}: torch's varlen_attn has no logit soft-capping (softcap={softcap}, Gemma-2); use "
+                "'fastsft' or 'flash_attn'"
+            )
+        kwargs = {"scale": scale}
+        if "window_size" in params:
+            kwargs["window_size"] = window_size
+        elif window is None and "is_causal" in params:  # torch 2.11's early signature
+            kwargs["is_causal"] = causal
+        else:
+            raise NotImplementedError(f"{where}: this torch's varlen_attn{inspect.signature(varlen_attn)} takes no "
+                                      f"window (window={window}); use 'fastsft'")  # fmt: skip
+        if k.shape[1] != q.shape[1]:
+            if "enable_gqa" in params:
+                kwargs["enable_gqa"] = True
+            else:  # no native GQA in this torch: k/v heads repeated (autograd sums their gradients back)
+                groups = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+    hopper = q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
+    flash = _flash_attn_varlen(prefer_hopper=hopper)
+    out = flash(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=causal,
+                window_size=window_size, softcap=0.0 if softcap is None else float(softcap))  # fmt: skip
+    return out[0] if isinstance(out, tuple) else out  # some FlashAttention-3 builds also return the lse
 
 
 def varlen_attention(
@@ -203,6 +313,7 @@ def varlen_attention(
     softmax_scale: float | None = None,
     window: int | None = None,
     softcap: float | None = None,
+    implementation: str = "fastsft",
 ) -> torch.Tensor:
     """Attention over packed documents: no query attends across a document boundary, nothing is padded.
 
@@ -219,6 +330,9 @@ def varlen_attention(
         window: sliding-window left context W (Hugging Face's `sliding_window`, Mistral / Gemma):
             query i sees keys j with i - j < W, itself included. Needs causal=True.
         softcap: Gemma-2 logit soft-capping c: scores become c * tanh(scale * q.k / c).
+        implementation: whose kernels: "fastsft" (ours), "torch" (torch.nn.attention.varlen.varlen_attn,
+            no softcap) or "flash_attn" (flash-attn; FlashAttention-3's interface on Hopper when installed).
+            The last two need CUDA and float16 / bfloat16.
 
     Returns:
         out [T, Hq, D] in q's dtype, contiguous: per document and head, softmax(s) v with
@@ -229,8 +343,11 @@ def varlen_attention(
     Checks of cu_seqlens' values (starts at 0, non-decreasing, ends at T, max_seqlen large enough) need a
     host sync: they run on CPU tensors always and on CUDA tensors with FASTSFT_DEBUG=1.
     """
-    max_seqlen = _check(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, window, softcap)
+    max_seqlen = _check(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, window, softcap, implementation)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if implementation != "fastsft":
+        softcap = None if softcap is None else float(softcap)
+        return _external_attention(implementation, q, k, v, cu_seqlens, max_seqlen, causal, scale, window, softcap)
     out, _ = _attention_op(
         q, k, v, cu_seqlens, max_seqlen, causal, scale, window, None if softcap is None else float(softcap)
     )

@@ -17,7 +17,10 @@ def patch(model, *, rms_norm=True, rope=True, swiglu=True, attention=True, cross
 
     Same loss and gradients as the unpatched model, faster and leaner. Each option can be turned off:
     rms_norm (every RMSNorm), rope, swiglu (the gated MLP, SwiGLU or GeGLU), attention (packed-sequence
-    varlen attention, registered as transformers attention "fastsft"), cross_entropy (the loss from the
+    varlen attention, registered as transformers attention "fastsft"; True / "fastsft": fastsft's Triton
+    kernels, "torch": torch's varlen_attn (FlashAttention-2 in torch; no softcap), "flash_attn": the
+    flash-attn package (FlashAttention-3 on Hopper when installed); a backend that is not installed is an
+    ImportError here, and the last two run on CUDA in fp16 / bf16 only), cross_entropy (the loss from the
     hidden states with fused linear cross-entropy; `logits` is then None when labels are passed, unless
     keep_logits=True). `model.fastsft_report` says what was swapped and what was not, and why.
 

@@ -12,6 +12,10 @@ Three pieces:
   to [B, H, S, D] and never padded.
 * `fastsft_attention`: the same kernel behind transformers' `AttentionInterface` under the name "fastsft",
   for models outside the family table (their own forward, our attention).
+
+Whose kernels run the varlen attention is the patch's `attention=` choice (fastsft.ops.attention's
+ATTENTION_IMPLEMENTATIONS): "fastsft" (ours), "torch" or "flash_attn"; each has its own interface name
+(`attention_interface_name`), so two models patched with different choices keep them.
 """
 
 from __future__ import annotations
@@ -30,6 +34,16 @@ from .families import attention_softcap, sliding_window
 
 ATTENTION_NAME = "fastsft"
 PLAN_KWARG = "fastsft_varlen_plan"
+
+
+# No name may contain "flash": transformers takes any implementation name containing it for FlashAttention
+# (utils.generic.is_flash_attention_requested) and changes its masks and padding handling accordingly.
+_INTERFACE_NAMES = {"fastsft": ATTENTION_NAME, "torch": f"{ATTENTION_NAME}_torch", "flash_attn": f"{ATTENTION_NAME}_fa"}
+
+
+def attention_interface_name(implementation: str) -> str:
+    """The transformers AttentionInterface name of fastsft's attention run by `implementation`."""
+    return _INTERFACE_NAMES[implementation]
 
 
 @dataclass
@@ -104,11 +118,13 @@ def _scatter(out: torch.Tensor, plan: VarlenPlan) -> torch.Tensor:
 
 @dataclass
 class AttentionState:
-    """A patched attention module's settings: its family's facts and which parts run fastsft's kernels."""
+    """A patched attention module's settings: its family's facts, which parts run fastsft's kernels and whose
+    kernels run the varlen attention (`implementation`, see fastsft.ops.varlen_attention)."""
 
     family: object
     rope: bool
     attention: bool
+    implementation: str = "fastsft"
 
 
 def _original(module):
@@ -165,6 +181,7 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
         softmax_scale=self.scaling,
         window=sliding_window(state.family, self),
         softcap=attention_softcap(state.family, self),
+        implementation=state.implementation,
     )
     out = _scatter(out, plan).reshape(batch, seq_len, -1)
     return self.o_proj(out), None
@@ -205,10 +222,12 @@ _HARMLESS_KWARGS = {
 
 
 def fastsft_attention(
-    module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, softcap=None, **kwargs
-):
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, softcap=None,
+    *, implementation="fastsft", **kwargs
+):  # fmt: skip
     """transformers AttentionInterface function "fastsft": query [B, Hq, S, D], key/value [B, Hk, S_kv, D]
-    (GQA not repeated) -> (out [B, S, Hq, D], attention weights or None).
+    (GQA not repeated) -> (out [B, S, Hq, D], attention weights or None). `implementation` is bound per
+    interface name (`attention_interface_name`).
 
     Uses the forward's VarlenPlan when the patched decoder passed one, else derives one from the kwargs
     (cu_seq_lens_q / position_ids) or the 2-D padding mask. Cached generation (a 4-D mask from the mask
@@ -248,6 +267,7 @@ def fastsft_attention(
         softmax_scale=scaling,
         window=int(sliding_window) if sliding_window else None,
         softcap=float(softcap) if softcap else None,
+        implementation=implementation,
     )
     return _scatter(out, plan).view(batch, seq_len, -1, head_dim), None
 
@@ -299,13 +319,19 @@ def _nonzero(offset) -> bool:
     return bool(offset != 0) if torch.is_tensor(offset) else offset != 0
 
 
-def register_attention() -> None:
-    """Register "fastsft" with transformers' attention and mask interfaces (idempotent)."""
+def register_attention(implementation: str = "fastsft") -> str:
+    """Register fastsft's attention run by `implementation` with transformers' attention and mask interfaces
+    (idempotent); returns its name (`attention_interface_name`)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(ATTENTION_NAME, fastsft_attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, fastsft_mask)
+    name = attention_interface_name(implementation)
+    function = fastsft_attention
+    if implementation != "fastsft":
+        function = functools.partial(fastsft_attention, implementation=implementation)
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, fastsft_mask)
+    return name
 
 
 @functools.lru_cache(maxsize=64)

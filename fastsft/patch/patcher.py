@@ -30,10 +30,12 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from fastsft.ops.attention import check_attention_implementation
+
 from . import attention as attention_patch
 from . import loss as loss_patch
 from . import modules as module_patch
-from .families import FAMILIES, Family, family_of
+from .families import FAMILIES, Family, attention_softcap, family_of
 
 STATE_ATTRIBUTE = "_fastsft_patch"
 
@@ -47,9 +49,13 @@ class PatchReport:
     family: str
     patched: dict[str, int] = field(default_factory=dict)
     not_patched: dict[str, str] = field(default_factory=dict)
+    attention_implementation: str | None = None  # whose kernels run the patched attention, when it is patched
 
     def __str__(self) -> str:
-        done = ", ".join(f"{name} x{count}" for name, count in self.patched.items()) or "nothing"
+        done = ", ".join(
+            f"{name} x{count}" + (f" ({self.attention_implementation})" if name == "attention" else "")
+            for name, count in self.patched.items()
+        ) or "nothing"
         lines = [f"fastsft.patch({self.model_type}, family {self.family}): {done}"]
         lines += [f"  not patched: {name}: {why}" for name, why in self.not_patched.items()]
         return "\n".join(lines)
@@ -172,6 +178,8 @@ def patch_model(model, *, rms_norm=True, rope=True, swiglu=True, attention=True,
     model_type, family = family_of(model.config)
     report = PatchReport(model_type, model_type if family is not None else "generic")
     undo = _Undo()
+    if attention is not False and attention is not None:
+        attention = check_attention_implementation(attention)  # True -> "fastsft"; a missing backend raises here
     options = dict(rms_norm=rms_norm, rope=rope, swiglu=swiglu, attention=attention, cross_entropy=cross_entropy)
     try:
         _patch(model, family, report, undo, options, keep_logits)
@@ -222,13 +230,14 @@ def _patch(model, family: Family | None, report: PatchReport, undo: _Undo, optio
         report.patched["rms_norm"] = _bind_norms(model, undo)
     if enabled["swiglu"]:
         report.patched["swiglu"] = _bind_mlps(model, undo)
+    implementation = options["attention"] if enabled["attention"] else "fastsft"
     if enabled["attention"]:
+        report.attention_implementation = implementation
         config = _own_config(model, undo)
-        attention_patch.register_attention()
-        config._attn_implementation = attention_patch.ATTENTION_NAME
+        config._attn_implementation = attention_patch.register_attention(implementation)
         undo.bind(decoder, attention_patch.decoder_forward)
     if family is not None and (enabled["rope"] or enabled["attention"]):
-        count = _bind_attention(model, family, enabled["rope"], enabled["attention"], undo)
+        count = _bind_attention(model, family, enabled["rope"], bool(enabled["attention"]), implementation, undo)
         report.patched.update({name: count for name in ("rope", "attention") if enabled[name]})
     elif enabled["attention"]:
         report.patched["attention"] = sum(1 for m in model.modules() if _is_attention(m))
@@ -260,12 +269,18 @@ def _bind_mlps(model, undo: _Undo) -> int:
     return len(mlps)
 
 
-def _bind_attention(model, family: Family, rope: bool, attention: bool, undo: _Undo) -> int:
+def _bind_attention(model, family: Family, rope: bool, attention: bool, implementation: str, undo: _Undo) -> int:
     modules = [m for m in model.modules() if _is_attention(m)]
+    if attention and implementation == "torch" and any(attention_softcap(family, m) for m in modules):
+        raise ValueError(
+            f"fastsft.patch(attention='torch'): {model.config.model_type} soft-caps its attention logits "
+            "(attn_logit_softcapping), which torch's varlen_attn does not implement; use attention=True "
+            "(fastsft's kernels) or 'flash_attn'"
+        )
     for module in modules:
         if family.qk_norm and not (hasattr(module, "q_norm") and hasattr(module, "k_norm")):
             raise TypeError(f"{type(module).__name__} has no q_norm/k_norm, which its family's facts say it has")
-        state = attention_patch.AttentionState(family, rope, attention)
+        state = attention_patch.AttentionState(family, rope, attention, implementation)
         undo.bind(module, attention_patch.attention_forward, _fastsft=state)
     return len(modules)
 

@@ -326,7 +326,11 @@ class KernelsConfig(_Section):
     rms_norm: bool = _field(True, "fused RMSNorm")
     rope: bool = _field(True, "fused rotary position embedding")
     swiglu: bool = _field(True, "fused gated MLP activation (SwiGLU / GeGLU)")
-    attention: bool = _field(True, "packed-sequence (varlen) attention: documents never attend to each other")
+    attention: bool | Literal["fastsft", "torch", "flash_attn"] = _field(
+        True,
+        "packed-sequence (varlen) attention: documents never attend to each other; true = fastsft's Triton "
+        "kernels, torch = torch's varlen_attn, flash_attn = the flash-attn package (both CUDA only)",
+    )
     cross_entropy: bool = _field(
         True, "fused linear cross-entropy on the response rows only: the full logits never exist"
     )
