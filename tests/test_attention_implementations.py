@@ -196,3 +196,24 @@ def test_flash_kernels_need_cuda_half_precision_inputs(implementation):
     with pytest.raises(ValueError, match=rf"implementation='{implementation}'\) runs FlashAttention CUDA kernels; "
                                          r"q is on cpu"):  # fmt: skip
         varlen_attention(q, q, q, cu, 5, implementation=implementation)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("implementation", ["torch", "flash_attn"])
+def test_gpu_real_flash_kernels_through_fastsft_match_float64(implementation, monkeypatch):
+    """The real torch varlen_attn / flash-attn on CUDA in bf16, called through fastsft's translation (window,
+    GQA, scale): each document's output and gradients within 2x torch's own bf16 error, like fastsft's."""
+    if implementation == "flash_attn":
+        pytest.importorskip("flash_attn", reason="flash-attn is optional and not installed")
+    import functools
+
+    import test_attention
+
+    chosen = functools.partial(varlen_attention, implementation=implementation)
+    monkeypatch.setattr(test_attention, "varlen_attention", chosen)
+    lengths = [1, 700, 4096, 33, 2500]
+    q, k, v, cu_seqlens = test_attention.documents(lengths, 16, 4, 128, torch.bfloat16)
+    grad = torch.randn_like(q)
+    test_attention._check_documents_on_gpu(q, k, v, cu_seqlens, [0, 1, 2, 4], grad)
+    q, k, v, cu_seqlens = test_attention.documents(lengths, 16, 4, 128, torch.bfloat16)
+    test_attention._check_documents_on_gpu(q, k, v, cu_seqlens, [2, 4], torch.randn_like(q), window=1024)
