@@ -119,7 +119,7 @@ def test_repo_root_with_this_environments_kernels():
     found = _probe_from_repo_root()
     if installed is not None and installed.origin:
         assert found["kernels_file"] == installed.origin, found
-        assert not Path(found["kernels_file"]).resolve().is_relative_to(REPO), found
+        assert not Path(found["kernels_file"]).resolve().is_relative_to(REPO / "kernels"), found
     else:
         assert found["kernels_file"] is None and found["available"] is False, found
 
