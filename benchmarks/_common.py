@@ -16,6 +16,7 @@ import gc
 import importlib.metadata
 import json
 import math
+import os
 import platform
 import re
 import shlex
@@ -80,7 +81,12 @@ def _git(*args: str) -> str:
 
 def git_revision() -> str:
     """Short HEAD hash, with "-dirty" when tracked or untracked files differ from it (result files under
-    benchmarks/results do not count); "unknown" when git is missing or this is no git checkout."""
+    benchmarks/results do not count); "unknown" when git is missing or this is no git checkout.
+    FASTSFT_GIT_REVISION overrides it: a copy of the tree without .git (a lent GPU machine) is told its
+    revision by the command that starts it."""
+    override = os.environ.get("FASTSFT_GIT_REVISION")
+    if override:
+        return override
     try:
         revision = _git("rev-parse", "--short", "HEAD")
         changes = _git("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results")

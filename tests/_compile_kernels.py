@@ -9,6 +9,7 @@ Must run without TRITON_INTERPRET (the interpreter replaces @triton.jit function
 import json
 import os
 import sys
+import time
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
 
@@ -158,6 +159,7 @@ def main() -> int:
         for dtype in ("bf16", "fp16", "fp32"):
             for kernel, pointers, constexprs, options in cases(dtype):
                 record = {"kernel": kernel.__name__, "arch": arch, "dtype": dtype, "constexprs": constexprs}
+                started = time.perf_counter()
                 try:
                     src = ASTSource(kernel, signature(kernel, pointers, dtype), constexprs=constexprs,
                                     attrs=alignment(kernel))  # fmt: skip
@@ -166,6 +168,8 @@ def main() -> int:
                     record.update(ok=True, wgmma="wgmma" in ptx, mma_sync="mma.sync" in ptx, cp_async="cp.async" in ptx)
                     record.update(num_stages=options.get("num_stages", 3))
                     record.update(shared_bytes=compiled.metadata.shared, cubin_bytes=len(compiled.asm["cubin"]))
+                    # Cold compile time (source to cubin, ptxas included): what a bare GPU machine pays per variant.
+                    record.update(compile_s=round(time.perf_counter() - started, 2))
                 except Exception as exc:  # report every failure, not just the first
                     failures += 1
                     record.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:2000]}")
