@@ -20,6 +20,7 @@ import os
 import platform
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -47,6 +48,47 @@ PACKAGES = {
 # --------------------------------------------------------------------------------------------------
 # Metadata
 # --------------------------------------------------------------------------------------------------
+
+
+# --------------------------------------------------------------------------------------------------
+# Stopping when the caller's time is up
+# --------------------------------------------------------------------------------------------------
+
+
+class OutOfTime(BaseException):
+    """SIGTERM: the caller's time limit passed (benchmarks/gpu_proof.py sends it, then SIGKILL 10 s later).
+    A BaseException, so that no measurement's `except Exception` swallows it: the script writes what it
+    measured."""
+
+
+def _raise_out_of_time(signum, frame):
+    raise OutOfTime
+
+
+def stop_on_sigterm() -> None:
+    """From now on SIGTERM raises OutOfTime in the main thread."""
+    signal.signal(signal.SIGTERM, _raise_out_of_time)
+
+
+def ignore_sigterm() -> None:
+    """While the result files are written: a second SIGTERM must not cut them short (SIGKILL still ends it)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def sweep_until_out_of_time(configs: Sequence, run_one: Callable[[object], None]) -> list:
+    """run_one(config) for each config in turn until SIGTERM; returns the configs that completed (a config
+    interrupted half-way is dropped whole, so every reported config has all its implementations)."""
+    done = []
+    stop_on_sigterm()
+    try:
+        for config in configs:
+            run_one(config)
+            done.append(config)
+    except OutOfTime:
+        print(f"SIGTERM: out of time after {len(done)} of {len(configs)} configs; writing what was measured",
+              flush=True)  # fmt: skip
+    ignore_sigterm()
+    return done
 
 
 def package_version(*dist_names: str) -> str | None:
@@ -366,6 +408,11 @@ def implementation_notes(payload: dict) -> list[str]:
             text += "; warnings: " + "; ".join(f"`{w}`" for w in warned[:3])
         lines.append(f"- **{name}**: {text}")
     return lines
+
+
+def write_json_only(payload: dict, out_dir: Path) -> list[Path]:
+    """<benchmark>_<gpu>_<date>.json alone: a run stopped before any config completed has no table or plot."""
+    return [write_json(out_dir / f"{result_stem(payload['benchmark'], payload['metadata'])}.json", payload)]
 
 
 def write_result_files(payload: dict, out_dir: Path, markdown: str, panels, title: str) -> list[Path]:

@@ -547,10 +547,12 @@ def _failed_entries(name: str, cfg: Config, stats: dict, status: str) -> list[di
 
 def run_sweep(configs: list[Config], impls: list[str], settings: Settings, lengths: dict):
     """Every implementation on every config (fastsft first: its outputs and gradients are the parity
-    reference). `lengths[(mix, tokens)]` holds each batch's document lengths."""
+    reference), until SIGTERM (the caller's time limit). `lengths[(mix, tokens)]` holds each batch's
+    document lengths. Returns (results, derived, the configs measured)."""
     results, derived = [], []
     gpu, judge = _common.gpu_name(), settings.device.type == "cuda"
-    for cfg in configs:
+
+    def run_one(cfg: Config) -> None:
         docs = lengths[(cfg.mix, cfg.tokens)]
         stats = doc_stats(docs)
         entries = []
@@ -569,9 +571,11 @@ def run_sweep(configs: list[Config], impls: list[str], settings: Settings, lengt
                 entries += cell
             del inputs, ref
         _common.release_memory(settings.device)
-        derived += derive(cfg, stats, entries, gpu, judge)
-        results += entries
-    return results, derived
+        derived.extend(derive(cfg, stats, entries, gpu, judge))
+        results.extend(entries)
+
+    done = _common.sweep_until_out_of_time(configs, run_one)
+    return results, derived, done
 
 
 # --------------------------------------------------------------------------------------------------
@@ -830,8 +834,12 @@ def main(argv: list[str] | None = None) -> int:
     lengths = {(c.mix, c.tokens): document_lengths(c.mix, c.tokens, args.seed) for c in configs}
     print(f"{len(configs)} configs x {len(impls)} implementations x fwd, fwd+bwd on {_common.gpu_name()}, "
           f"{settings.dtype}")  # fmt: skip
-    results, derived = run_sweep(configs, impls, settings, lengths)
-    payload = build_payload(configs, impls, settings, lengths, results, derived)
+    results, derived, done = run_sweep(configs, impls, settings, lengths)
+    payload = build_payload(configs, impls, settings, lengths, results, derived)  # the sweep asked for
+    payload["configs_not_run"] = [c.label() for c in configs[len(done) :]]  # out of time
+    if not done:  # stopped before the first config completed
+        print("wrote " + ", ".join(str(p) for p in _common.write_json_only(payload, args.out)))
+        return 0
     paths = write_outputs(payload, args.out)
     print("\n" + _main_table(payload) + "\n")
     print("wrote " + ", ".join(str(p) for p in paths))

@@ -390,9 +390,11 @@ def run_config(cfg: Config, impls: list[str], settings: Settings) -> list[dict]:
     return entries
 
 
-def run_sweep(configs: list[Config], impls: list[str], settings: Settings) -> tuple[list[dict], list[dict]]:
+def run_sweep(configs: list[Config], impls: list[str], settings: Settings):
+    """(results, derived, the configs measured): every config in turn until SIGTERM (the caller's time limit)."""
     results, derived = [], []
-    for cfg in configs:
+
+    def run_one(cfg: Config) -> None:
         try:
             entries = run_config(cfg, impls, settings)
         except Exception as exc:  # the inputs themselves did not fit: every cell of the config fails alike
@@ -400,9 +402,11 @@ def run_sweep(configs: list[Config], impls: list[str], settings: Settings) -> tu
             _common.release_memory(settings.device)
             entries = [_failed_entry(name, cfg, status) for name in impls]
             print(f"{cfg.label()}: inputs failed: {status}", flush=True)
-        results += entries
+        results.extend(entries)
         derived.append(derive(cfg, entries))
-    return results, derived
+
+    done = _common.sweep_until_out_of_time(configs, run_one)
+    return results, derived, done
 
 
 def _failed_entry(name: str, cfg: Config, status: str) -> dict:
@@ -653,8 +657,12 @@ def main(argv: list[str] | None = None) -> int:
     configs = make_configs(args)
     impls = [name for name in IMPLS if args.impl is None or name in args.impl]
     print(f"{len(configs)} configs x {len(impls)} implementations on {_common.gpu_name()}, {settings.dtype}")
-    results, derived = run_sweep(configs, impls, settings)
-    payload = build_payload(configs, impls, settings, results, derived)
+    results, derived, done = run_sweep(configs, impls, settings)
+    payload = build_payload(configs, impls, settings, results, derived)  # the sweep asked for
+    payload["configs_not_run"] = [c.label() for c in configs[len(done) :]]  # out of time
+    if not done:  # stopped before the first config completed
+        print("wrote " + ", ".join(str(p) for p in _common.write_json_only(payload, args.out)))
+        return 0
     paths = write_outputs(payload, args.out)
     print("\n" + _main_table(payload) + "\n")
     print("wrote " + ", ".join(str(p) for p in paths))

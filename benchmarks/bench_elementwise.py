@@ -610,8 +610,10 @@ def _progress(entry: dict) -> str:
 
 
 def run_sweep(configs: list[Config], impls: list[str], settings: Settings, copy_gbps: float):
+    """(results, derived, the configs measured): every config in turn until SIGTERM (the caller's time limit)."""
     results, derived = [], []
-    for cfg in configs:
+
+    def run_one(cfg: Config) -> None:
         ref: dict = {}  # fastsft's outputs and gradients on this config's inputs (parity reference)
         entries = []
         for name in impls:
@@ -621,9 +623,11 @@ def run_sweep(configs: list[Config], impls: list[str], settings: Settings, copy_
             entries += cell
         del ref
         _common.release_memory(settings.device)
-        derived += derive(cfg, entries, copy_gbps, judge=settings.device.type == "cuda")
-        results += entries
-    return results, derived
+        derived.extend(derive(cfg, entries, copy_gbps, judge=settings.device.type == "cuda"))
+        results.extend(entries)
+
+    done = _common.sweep_until_out_of_time(configs, run_one)
+    return results, derived, done
 
 
 # --------------------------------------------------------------------------------------------------
@@ -867,8 +871,12 @@ def main(argv: list[str] | None = None) -> int:
     copy = measure_copy_bandwidth(settings)
     _common.release_memory(settings.device)
     print(f"copy bandwidth: {copy['gbps']:.1f} GB/s ({copy['buffer_bytes'] >> 20} MiB bf16, {copy['time_ms']:.4f} ms)")
-    results, derived = run_sweep(configs, impls, settings, copy["gbps"])
-    payload = build_payload(configs, impls, settings, copy, results, derived)
+    results, derived, done = run_sweep(configs, impls, settings, copy["gbps"])
+    payload = build_payload(configs, impls, settings, copy, results, derived)  # the sweep asked for
+    payload["configs_not_run"] = [c.label() for c in configs[len(done) :]]  # out of time
+    if not done:  # stopped before the first config completed
+        print("wrote " + ", ".join(str(p) for p in _common.write_json_only(payload, args.out)))
+        return 0
     paths = write_outputs(payload, args.out)
     print("\n" + _main_table(payload) + "\n")
     print("wrote " + ", ".join(str(p) for p in paths))

@@ -97,7 +97,6 @@ import copy
 import importlib.util
 import math
 import os
-import signal
 import sys
 import time
 import warnings
@@ -449,15 +448,6 @@ class Context:
 
     def optimizer(self, model):
         return _optimizer(model, TrainConfig(optimizer=OptimizerConfig(lr=self.lr)), self.device)
-
-
-class OutOfTime(BaseException):
-    """SIGTERM: the caller's time limit passed (benchmarks/gpu_proof.py sends it, then SIGKILL 10 s later).
-    A BaseException, so that no row's `except Exception` swallows it: main writes what was measured."""
-
-
-def _raise_out_of_time(signum, frame):
-    raise OutOfTime
 
 
 def process_age_s() -> float:
@@ -1160,18 +1150,18 @@ def main(argv: list[str] | None = None) -> int:
     parity_shape = PARITY_SHAPE if PARITY_SHAPE in args.shapes else args.shapes[0]
     budget = Budget(args.budget_s, PARITY_SHARE if args.parity_steps > 0 else 0.0)
     log(budget, f"{len(args.shapes)} shapes x {len(args.rows)} rows on {_common.gpu_name()}, budget {args.budget_s:g}s")
-    signal.signal(signal.SIGTERM, _raise_out_of_time)
+    _common.stop_on_sigterm()
     entries, parity, rows_s = [], parity_record(parity_shape, args.parity_steps, ctx), None
     try:
         run_rows(args.shapes, args.rows, ctx, budget, entries)
         rows_s = budget.elapsed()
         log(budget, f"parity on {parity_shape}: {args.parity_steps} steps requested")
         run_parity(parity, ctx, budget)
-    except OutOfTime:
+    except _common.OutOfTime:
         log(budget, "SIGTERM: stopping here; writing what was measured")
         if parity["status"] == "not run":  # interrupted before or during the parity run: keep its steps
             fill_parity(parity)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a few seconds more to write the files (SIGKILL follows)
+    _common.ignore_sigterm()  # a few seconds more to write the files (SIGKILL follows)
     entries = complete(entries, args.shapes, args.rows, ctx.device)
     log(budget, f"parity: {parity['status']}, {parity['steps']} steps, max relative difference "
                 f"{_num(parity['max_rel_diff'], '.3e')}")  # fmt: skip

@@ -114,3 +114,29 @@ def test_no_time_left_skips_a_part_but_still_bundles(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert [p["status"] for p in summary["parts"]] == ["skipped: no time left"]
     assert sorted(p.name for p in out.iterdir()) == ["SUMMARY.md", "proof.log", "results.tar.gz", "summary.json"]
+
+
+def test_a_kernel_benchmark_stopped_by_sigterm_writes_what_it_measured(tmp_path):
+    """What gpu_proof's time limit sends: the benchmark stops after the config in progress is dropped, and
+    writes its files with the configs it did not reach named (bench_sft does the same, see its smoke test)."""
+    import os
+    import signal
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "FASTSFT_BACKEND": "triton"}
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_cross_entropy.py"), "--smoke", "--out", str(tmp_path)]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    measured = 0
+    for line in process.stdout:
+        measured += " ms" in line  # one line per measured cell
+        if measured == 9:  # a few cells past the first config (7 implementations each)
+            process.send_signal(signal.SIGTERM)
+            break
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 0, output[-3000:]
+    assert "SIGTERM: out of time after" in output
+    (result,) = tmp_path.glob("cross_entropy_*.json")
+    payload = json.loads(result.read_text())
+    assert 1 <= len(payload["configs_not_run"]) < 6, payload["configs_not_run"]
+    measured_configs = {json.dumps(e["config"], sort_keys=True) for e in payload["results"]}
+    assert len(measured_configs) == 6 - len(payload["configs_not_run"])
+    assert len(payload["results"]) == 7 * len(measured_configs)  # every reported config is whole
