@@ -48,7 +48,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     who = "fastsft train" if "RANK" not in os.environ else f"fastsft train (rank {os.environ['RANK']})"
     try:
         result = train(config)
-    except (DataError, FileNotFoundError, DistributedError, ResumeError) as exc:  # bad input: one line, exit 2
+    except (DataError, FileNotFoundError, DistributedError, ResumeError, ConfigError) as exc:  # bad input: exit 2
         print(f"{who}: {exc}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:  # the NaN guard gave up; its message says what to try
@@ -281,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from fastsft.ops._backend import BackendError, check_backend_setting
+
+    try:  # every command runs ops; a misspelt backend is bad input, said before any work
+        check_backend_setting()
+    except BackendError as exc:
+        return _fail(args.command, exc)
     return args.func(args)
 
 

@@ -1,5 +1,7 @@
 """The loss ops' contract beyond numerics: torch.compile, clear errors, backend rule, no host sync."""
 
+import re
+
 import pytest
 import torch
 from _losses import exact_copies, loss_and_grads, make_labels, make_linear_inputs
@@ -81,8 +83,12 @@ def test_fused_linear_cross_entropy_errors(mutate, error, words):
     [
         ({"reduction": "avg"}, "reduction must be 'mean', 'sum' or 'none'"),
         ({"label_smoothing": 1.5}, "label_smoothing must be in [0, 1]"),
-        ({"z_loss": -1.0}, "z_loss must be >= 0"),
-        ({"softcap": 0.0}, "softcap must be None or > 0"),
+        ({"z_loss": -1.0}, "z_loss must be a finite float >= 0"),
+        ({"z_loss": float("nan")}, "z_loss must be a finite float >= 0"),
+        ({"z_loss": float("inf")}, "z_loss must be a finite float >= 0"),
+        ({"softcap": 0.0}, "softcap must be None or a finite float > 0"),
+        ({"softcap": float("inf")}, "softcap must be None or a finite float > 0"),
+        ({"label_smoothing": float("nan")}, "label_smoothing must be in [0, 1]"),
         ({"bias": torch.zeros(7)}, "bias must be [V] = [20]"),
     ],
 )
@@ -91,6 +97,9 @@ def test_option_errors(kwargs, words):
     with pytest.raises(ValueError) as info:
         fused_linear_cross_entropy(hidden, weight, labels, **kwargs)
     assert words in str(info.value)
+    if "bias" not in kwargs:  # the logits op takes the same options and the same checks
+        with pytest.raises(ValueError, match=re.escape(words)):
+            cross_entropy(hidden @ weight.T, labels, **kwargs)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -126,10 +135,11 @@ def test_backend_rule(monkeypatch):
     if not HAS_CUDA:
         with pytest.raises(RuntimeError, match="needs the Triton interpreter"):
             select_backend("op", cpu)
-    monkeypatch.setenv("FASTSFT_BACKEND", "cuda")
-    assert select_backend("op", cpu) == "reference"  # no native kernel for CPU tensors: as auto
     monkeypatch.setenv("FASTSFT_BACKEND", "fast")
-    with pytest.raises(ValueError, match="FASTSFT_BACKEND='fast' is not one of"):
+    with pytest.raises(ValueError, match="FASTSFT_BACKEND='fast' is not one of auto, triton, reference$"):
+        select_backend("op", cpu)
+    monkeypatch.setenv("FASTSFT_BACKEND", "cuda")  # no native CUDA kernel exists, so no such backend either
+    with pytest.raises(ValueError, match="FASTSFT_BACKEND='cuda' is not one of auto, triton, reference$"):
         select_backend("op", cpu)
 
 

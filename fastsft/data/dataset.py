@@ -159,12 +159,18 @@ def source_fingerprint(source) -> str:
     h = hashlib.sha256()
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"data file not found: {path}")
+        if not path.is_file():
+            raise DataError(str(path), None, "not a file (a directory?): give the path of one data file", "not a file")
         h.update(b"file:" + "".join(path.suffixes).encode())
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
+        try:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+        except OSError as error:
+            reason = f"cannot read the file: {error.strerror or error}"
+            raise DataError(str(path), None, reason, "unreadable file") from None
         return h.hexdigest()
     fingerprint = getattr(source, "_fingerprint", None)
     if fingerprint is not None:  # datasets.Dataset

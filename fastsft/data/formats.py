@@ -31,6 +31,7 @@ import gzip
 import json
 import os
 import sys
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -422,27 +423,54 @@ def _parse_json_line(line: bytes) -> Any:
         return json.loads(line.rstrip(b"\r\n"))  # without the newline, an error's column is on this line
     except json.JSONDecodeError as error:
         return _Invalid(None, f"invalid JSON: {error.msg} (column {error.colno})", "invalid JSON")
+    except RecursionError:  # e.g. 100,000 nested brackets: a bad record like any other
+        return _Invalid(None, "invalid JSON: nested too deeply to parse", "invalid JSON")
     except UnicodeDecodeError as error:
         return _Invalid(None, f"invalid UTF-8 at byte {error.start}", "invalid UTF-8")
 
 
+# What reading a file (not parsing one record) can raise: no permission, a .gz that is not gzip or is cut short.
+_UNREADABLE = (OSError, EOFError, zlib.error)
+
+
+def _unreadable(name: str, error: BaseException, where: str = "") -> DataError:
+    """A file-level read error as a DataError naming the file: it is no bad record, so skip mode cannot help."""
+    if isinstance(error, gzip.BadGzipFile):
+        reason = f"not a gzip file ({error}); name it without .gz if it is plain text"
+    elif isinstance(error, (EOFError, zlib.error)):
+        reason = f"the gzip stream is truncated or damaged{where} ({type(error).__name__}: {error})"
+    else:
+        reason = f"cannot read the file: {getattr(error, 'strerror', None) or error}"
+    return DataError(name, None, reason, "unreadable file")
+
+
 def _jsonl_rows(path: Path, name: str) -> Iterator[tuple[str, Any]]:
     """One record per line, location "name:LINE" (1-based); blank lines are skipped silently."""
-    with _open_binary(path) as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if line.strip():
-                yield f"{name}:{line_number}", _parse_json_line(line)
+    line_number = 0
+    try:
+        with _open_binary(path) as lines:
+            for line_number, line in enumerate(lines, start=1):
+                if line.strip():
+                    yield f"{name}:{line_number}", _parse_json_line(line)
+    except _UNREADABLE as error:
+        raise _unreadable(name, error, f" after line {line_number}") from None
 
 
 def _json_rows(path: Path, name: str) -> Iterator[tuple[str, Any]]:
     """A top-level JSON list of records, location "name[INDEX]" (read whole: JSON cannot stream)."""
-    with _open_binary(path) as file:
-        try:
+    try:
+        with _open_binary(path) as file:
             data = json.load(file)
-        except json.JSONDecodeError as error:
-            hint = "; one record per line is JSON Lines: name the file .jsonl" if error.msg == "Extra data" else ""
-            reason = f"invalid JSON at line {error.lineno} column {error.colno}: {error.msg}{hint}"
-            raise DataError(name, None, reason, "invalid JSON") from None
+    except UnicodeDecodeError as error:
+        raise DataError(name, None, f"invalid UTF-8 at byte {error.start}", "invalid UTF-8") from None
+    except RecursionError:
+        raise DataError(name, None, "JSON nested too deeply to parse", "invalid JSON") from None
+    except json.JSONDecodeError as error:
+        hint = "; one record per line is JSON Lines: name the file .jsonl" if error.msg == "Extra data" else ""
+        reason = f"invalid JSON at line {error.lineno} column {error.colno}: {error.msg}{hint}"
+        raise DataError(name, None, reason, "invalid JSON") from None
+    except _UNREADABLE as error:
+        raise _unreadable(name, error) from None
     if not isinstance(data, list):
         keys = f" with keys {sorted(data)}" if isinstance(data, dict) else ""
         reason = f"expected a top-level JSON list of records, got {_type_name(data)}{keys}"
@@ -481,9 +509,12 @@ def _file_rows(path: Path) -> tuple[str, Iterator[tuple[str, Any]]]:
     name = str(path)
     reader = next((read for ext, read in _READERS.items() if name.lower().endswith(ext)), None)
     if reader is None:
-        raise ValueError(f"{name}: unsupported file extension (supported: {', '.join(SUPPORTED_EXTENSIONS)})")
+        raise DataError(name, None, f"unsupported file extension (supported: {', '.join(SUPPORTED_EXTENSIONS)})",
+                        "unsupported file")  # fmt: skip
+    if not path.exists():
+        raise FileNotFoundError(f"{name}: no such file")
     if not path.is_file():
-        raise FileNotFoundError(f"{name}: no such file" if not path.exists() else f"{name}: not a file")
+        raise DataError(name, None, "not a file (a directory?): give the path of one data file", "not a file")
     return name, reader(path, name)
 
 

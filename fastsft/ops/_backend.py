@@ -1,30 +1,38 @@
 """Backend choice and input validation shared by every op.
 
 FASTSFT_BACKEND (read at each call, so tests and users can switch it at run time):
-  auto       Triton on CUDA tensors (CUDA C++ where it is registered as faster), reference on CPU.
+  auto       Triton on CUDA tensors, reference on CPU.
   triton     The Triton kernels. On CPU tensors this needs TRITON_INTERPRET=1 set before Triton is
              first imported: the kernels then run in Triton's interpreter (how CI checks kernel parity).
   reference  The pure-PyTorch implementation in fastsft/ops/reference.py, on any device.
-  cuda       The native CUDA C++ kernel where fastsft._C registers one for the op; otherwise as auto.
+(`cuda`, native CUDA C++ kernels from fastsft._C, is accepted once one exists; none does yet.)
 FASTSFT_DEBUG=1 turns on checks that need a host synchronisation on CUDA tensors (label ranges).
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 
-BACKENDS = ("auto", "triton", "reference", "cuda")
+# `cuda` (native CUDA C++ kernels from fastsft._C) joins once one exists: naming a backend that runs nothing
+# of its own would be a promise the code does not keep.
+BACKENDS = ("auto", "triton", "reference")
 
-# Ops for which fastsft._C provides a CUDA C++ kernel that beats Triton (none yet).
-_NATIVE_CUDA_OPS: frozenset[str] = frozenset()
+class BackendError(ValueError):
+    """FASTSFT_BACKEND names no backend."""
+
+
+def check_backend_setting() -> str:
+    """The FASTSFT_BACKEND value, checked up front (the command line calls it before any work)."""
+    return requested_backend()
 
 
 def requested_backend() -> str:
     value = os.environ.get("FASTSFT_BACKEND", "auto").strip().lower() or "auto"
     if value not in BACKENDS:
-        raise ValueError(f"FASTSFT_BACKEND={value!r} is not one of {', '.join(BACKENDS)}")
+        raise BackendError(f"FASTSFT_BACKEND={value!r} is not one of {', '.join(BACKENDS)}")
     return value
 
 
@@ -41,8 +49,8 @@ def _triton_importable() -> bool:
 
 
 def select_backend(op: str, tensor: torch.Tensor) -> str:
-    """The implementation `op` runs with for inputs like `tensor` (device and dtype): "triton",
-    "reference" or "cuda" (native). float64 runs on the reference backend only."""
+    """The implementation `op` runs with for inputs like `tensor` (device and dtype): "triton" or
+    "reference". float64 runs on the reference backend only."""
     requested = requested_backend()
     if requested == "reference":
         return "reference"
@@ -53,8 +61,6 @@ def select_backend(op: str, tensor: torch.Tensor) -> str:
                 "float64 runs with FASTSFT_BACKEND=reference (or auto)"
             )
         return "reference"
-    if requested == "cuda" and tensor.is_cuda and op in _NATIVE_CUDA_OPS:
-        return "cuda"
     if requested == "triton":
         if not _triton_importable():
             raise RuntimeError(f"{op}: FASTSFT_BACKEND=triton but triton is not installed (pip install triton)")
@@ -64,7 +70,7 @@ def select_backend(op: str, tensor: torch.Tensor) -> str:
                 "set TRITON_INTERPRET=1 before triton is first imported, or use FASTSFT_BACKEND=auto"
             )
         return "triton"
-    # auto (and cuda without a native kernel for this op)
+    # auto
     return "triton" if tensor.is_cuda and _triton_importable() else "reference"
 
 
@@ -107,14 +113,15 @@ def check_label_range(op: str, labels: torch.Tensor, n_vocab: int, ignore_index:
 
 
 def check_options(op: str, reduction: str, label_smoothing: float, z_loss: float, softcap: float | None) -> None:
+    """The loss options; a non-finite one (nan, inf) would silently make every loss NaN or inf."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"{op}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
+    if not 0.0 <= float(label_smoothing) <= 1.0:  # also false for nan
         raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
-    if float(z_loss) < 0.0:
-        raise ValueError(f"{op}: z_loss must be >= 0, got {z_loss}")
-    if softcap is not None and not float(softcap) > 0.0:
-        raise ValueError(f"{op}: softcap must be None or > 0, got {softcap}")
+    if not (math.isfinite(float(z_loss)) and float(z_loss) >= 0.0):
+        raise ValueError(f"{op}: z_loss must be a finite float >= 0, got {z_loss}")
+    if softcap is not None and not (math.isfinite(float(softcap)) and float(softcap) > 0.0):
+        raise ValueError(f"{op}: softcap must be None or a finite float > 0, got {softcap}")
 
 
 def unit_stride_rows(t: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,8 @@ The forward saves x (or the residual sum s), the weight and the per-row rstd [N]
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import reference
@@ -155,7 +157,7 @@ _add_rms_norm_op.register_autograd(_add_rms_norm_backward, setup_context=_add_rm
 # ------------------------------------------------------------------------------------------------ public
 
 
-def _check(op: str, x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+def _check(op: str, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise ValueError(f"{op}: x must be a tensor [..., H], got "
                          f"{describe(x) if isinstance(x, torch.Tensor) else type(x).__name__}")  # fmt: skip
@@ -167,8 +169,11 @@ def _check(op: str, x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
         raise ValueError(f"{op}: weight is on {weight.device} but x is on {x.device}")
     if x.shape[-1] == 0:
         raise ValueError(f"{op}: x has an empty last dim, {describe(x)}")
-    if not float(eps) >= 0.0:
-        raise ValueError(f"{op}: eps must be >= 0, got {eps}")
+    # Non-finite scalars would silently give zeros (eps=inf) or NaN (offset=nan) for every row.
+    if not (math.isfinite(float(eps)) and float(eps) >= 0.0):
+        raise ValueError(f"{op}: eps must be a finite float >= 0, got {eps}")
+    if not math.isfinite(float(offset)):
+        raise ValueError(f"{op}: offset must be a finite float, got {offset}")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, offset: float = 0.0) -> torch.Tensor:
@@ -189,7 +194,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, offset
     The backward returns grad x in x's dtype and grad weight in weight's dtype, reduced in fp32 across rows
     without atomics (the same bits on every run).
     """
-    _check("rms_norm", x, weight, eps)
+    _check("rms_norm", x, weight, eps, offset)
     y, _ = _rms_norm_op(x, weight, float(eps), float(offset))
     return y
 
@@ -207,7 +212,7 @@ def add_rms_norm(
     Returns:
         (y, s), both [..., H] in x's dtype. s is the decoder layer's new residual stream.
     """
-    _check("add_rms_norm", x, weight, eps)
+    _check("add_rms_norm", x, weight, eps, offset)
     if not isinstance(residual, torch.Tensor) or residual.shape != x.shape or residual.dtype != x.dtype:
         got = describe(residual) if isinstance(residual, torch.Tensor) else type(residual).__name__
         raise ValueError(f"add_rms_norm: residual must match x ({describe(x)}), got {got}")

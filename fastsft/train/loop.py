@@ -37,7 +37,7 @@ import fastsft
 from fastsft.data import PackedLoader, prepare_dataset
 
 from . import checkpoint as ckpt
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .distributed import Distributed, clip_grad_norm, fingerprint
 from .metrics import FlopCounter, MetricsLogger, model_flops_utilization, peak_flops, plot_loss_curves
 
@@ -78,6 +78,17 @@ def _run_dir(config: TrainConfig) -> Path:
     if config.output_dir:
         return Path(config.output_dir)
     return Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    """output_dir must be (or become) a directory: a file there, or on the way to it, is bad input said in one
+    line before any work, not a traceback from mkdir."""
+    for path in (run_dir, *run_dir.parents):
+        if path.exists() and not path.is_dir():
+            where = "is a file" if path == run_dir else f"lies inside {path}, which is a file"
+            raise ConfigError(f"output_dir {run_dir} {where}: give a directory (new or existing)")
+        if path.exists():
+            return
 
 
 def load_model_and_tokenizer(config: TrainConfig, *, device: str | None = None):
@@ -332,6 +343,7 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
     if config.logging.plot is True and config.logging.jsonl:
         _require_matplotlib()  # now, not after hours of training
     run_dir = Path(dist.all_gather_object(str(_run_dir(config)))[0])  # rank 0's timestamp names the run
+    _check_run_dir(run_dir)
     resume_from = _resume_checkpoint(config, run_dir)  # every rank: a bad resume setting fails everywhere alike
     dist.check_same("the checkpoint to resume from (is output_dir on a filesystem every rank sees?)", str(resume_from))
     if dist.is_main:
