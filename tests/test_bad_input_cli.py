@@ -100,3 +100,27 @@ def test_an_output_dir_that_is_a_file_or_inside_one(tmp_path, capsys, inside):
     assert len(err) == 1 and f"output_dir {output_dir}" in err[0], err
     assert ("which is a file" if inside else "is a file") in err[0]
     assert blocker.read_text() == "not a directory"
+
+
+def _train_model(tmp_path, model_dir):
+    return main(["train", f"model.name_or_path={model_dir}", f"output_dir={tmp_path / 'run'}",
+                 f"data.cache_dir={tmp_path / 'cache'}", "logging.progress_bar=false"])  # fmt: skip
+
+
+def test_an_empty_model_directory(tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+    assert _train_model(tmp_path, tmp_path / "model") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no Hugging Face model here (no config.json)" in err[0], err
+    assert "sentencepiece" not in err[0] and "tiktoken" not in err[0]
+
+
+def test_a_model_directory_with_pickled_weights_only(tmp_path, capsys):
+    from fastsft.train.tiny import tiny_model
+
+    model_dir = tmp_path / "model"
+    tiny_model(seed=0).config.save_pretrained(model_dir)
+    (model_dir / "pytorch_model.bin").write_bytes(b"not loaded: refused before any unpickling")
+    assert _train_model(tmp_path, model_dir) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds only pytorch_model.bin weights: fastsft loads safetensors only" in err[0], err

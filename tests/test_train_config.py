@@ -600,3 +600,13 @@ def test_missing_pyyaml_is_a_clear_error(tmp_path, monkeypatch):
 def test_an_unknown_attention_implementation_is_a_config_error():
     with pytest.raises(ConfigError, match=r"kernels\.attention.*'torch'"):
         load_config(None, ["kernels.attention=sdpa"])
+
+
+def test_packing_max_tokens_beyond_the_packers_bound_is_refused_up_front():
+    from fastsft.data.packing import MAX_SUPPORTED_MAX_TOKENS
+    from fastsft.train.config import PACKER_MAX_TOKENS
+
+    assert PACKER_MAX_TOKENS == MAX_SUPPORTED_MAX_TOKENS
+    assert load_config(None, [f"packing.max_tokens={MAX_SUPPORTED_MAX_TOKENS}"]).packing.max_tokens > 0
+    with pytest.raises(ConfigError, match=r"packing\.max_tokens: must be >= 1 and <= 16777216, got 100000000"):
+        load_config(None, ["packing.max_tokens=100000000"])

@@ -89,6 +89,11 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------------------------
 
 
+# fastsft.data.packing.MAX_SUPPORTED_MAX_TOKENS, written out so that reading a config imports no torch (a test
+# keeps the two equal).
+PACKER_MAX_TOKENS = 1 << 24
+
+
 def _field(default: Any, help: str, *, gt=None, ge=None, lt=None, le=None) -> Any:
     """A dataclass field with its help line and numeric bounds (applied to each element of a tuple value)."""
     bounds = {name: value for name, value in (("gt", gt), ("ge", ge), ("lt", lt), ("le", le)) if value is not None}
@@ -242,6 +247,7 @@ class PackingConfig(_Section):
         "token budget of one micro-batch (one packed row); must be >= data.max_seq_len. The main memory knob: "
         "on a GPU use as much as fits (e.g. 16384-65536)",
         ge=1,
+        le=PACKER_MAX_TOKENS,  # the packer's bound: checked here, not after hours of tokenizing
     )
     seed: int = _field(0, "seed of the per-epoch shuffle of the packing order", ge=0)
 

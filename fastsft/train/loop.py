@@ -111,17 +111,37 @@ def load_model_and_tokenizer(config: TrainConfig, *, device: str | None = None):
             "(fastsft loads local Hugging Face checkpoints: download one first, e.g. "
             "`hf download <repo> --local-dir DIR`)"
         )
+    _check_model_dir(path, config.model.name_or_path)
     trust = config.model.trust_remote_code
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust)
-    if meta:
-        model_config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust, dtype=torch.float32)
-        return model, tokenizer
-    model = AutoModelForCausalLM.from_pretrained(
-        path, local_files_only=True, trust_remote_code=trust, dtype=torch.float32, use_safetensors=True
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust)
+        if meta:
+            model_config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust, dtype=torch.float32)
+            return model, tokenizer
+        model = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, trust_remote_code=trust, dtype=torch.float32, use_safetensors=True
+        )
+    except Exception as exc:  # OSError, ValueError, a truncated safetensors file, a tokenizer it cannot build...
+        first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        raise ConfigError(f"model.name_or_path={path}: cannot be loaded as a Hugging Face causal LM: {first}") from exc
     return model, tokenizer
+
+
+def _check_model_dir(path: Path, given: str) -> None:
+    """A local model directory holds config.json and safetensors weights; say which is missing, in one line,
+    before transformers tries (and talks of sentencepiece or tiktoken for an empty folder)."""
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model.name_or_path={given!r}: no Hugging Face model here (no config.json)")
+    if not any(path.glob("model*.safetensors")):
+        pickled = sorted(p.name for p in path.glob("pytorch_model*.bin"))
+        if pickled:
+            raise FileNotFoundError(
+                f"model.name_or_path={given!r} holds only {pickled[0]} weights: fastsft loads safetensors only "
+                "(a pickle can run code); save the model again with save_pretrained(DIR) (safetensors by default)"
+            )
+        raise FileNotFoundError(f"model.name_or_path={given!r}: no model*.safetensors weights in this directory")
 
 
 def _apply_lora(model, config: TrainConfig):
