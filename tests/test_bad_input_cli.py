@@ -124,3 +124,11 @@ def test_a_model_directory_with_pickled_weights_only(tmp_path, capsys):
     assert _train_model(tmp_path, model_dir) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds only pytorch_model.bin weights: fastsft loads safetensors only" in err[0], err
+
+
+def test_lora_target_modules_that_match_nothing_name_the_real_ones(tmp_path, capsys):
+    assert main(["train", "lora.enabled=true", "lora.target_modules=query,value", f"output_dir={tmp_path / 'run'}",
+                 f"data.cache_dir={tmp_path / 'cache'}", "logging.progress_bar=false"]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lora.target_modules=['query', 'value'] matches no module of this model" in err[0], err
+    assert "q_proj" in err[0] and "v_proj" in err[0]

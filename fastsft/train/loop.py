@@ -158,6 +158,15 @@ def _apply_lora(model, config: TrainConfig):
         target_modules=list(config.lora.target_modules),
         task_type="CAUSAL_LM",
     )
+    wanted = set(config.lora.target_modules)
+    names = [name for name, _ in model.named_modules()]
+    if not any(name == key or name.endswith(f".{key}") for name in names for key in wanted):  # PEFT's rule
+        # PEFT would raise its own traceback; say what this model's linear layers are called instead.
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(
+            f"lora.target_modules={sorted(wanted)} matches no module of this model; its linear layers are named: "
+            f"{', '.join(linear)}"
+        )
     return get_peft_model(model, lora)
 
 
