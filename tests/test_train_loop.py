@@ -1,6 +1,8 @@
 """The training loop: exact gradient accumulation, exact resume, atomic checkpoints, the NaN guard, the CLI."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -453,3 +455,39 @@ def test_the_step_normaliser_reaches_the_model_as_an_integer(monkeypatch):
     monkeypatch.setattr(model, "forward", spy)
     loop._forward_backward(model, step, torch.device("cpu"), None)
     assert [(n.dtype, int(n)) for n in seen] == [(torch.int64, sum(mb.num_supervised for mb in step))] * len(step)
+
+
+def test_pruning_is_a_rename_so_a_kill_mid_delete_leaves_no_half_checkpoint(tmp_path, monkeypatch):
+    """keep_last retires an old checkpoint by renaming it before deleting it: killed during the deletion (here:
+    rmtree stops after one file), no visible checkpoint-N is left half-deleted, and the next start removes
+    what remains."""
+    run = tmp_path / "run"
+    loop.train(small_config(tmp_path, "checkpointing.keep_last=null", "data.eval=null"), log=lambda *_: None)
+    assert [p.name for p in ckpt.checkpoints(run)] == ["checkpoint-6", "checkpoint-12"]
+    real_rmtree = shutil.rmtree
+
+    def killed_after_one_file(path, *args, **kwargs):
+        next(p for p in Path(path).iterdir() if p.is_file()).unlink()
+        raise KeyboardInterrupt  # what a kill -9 leaves: a partly deleted directory
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_after_one_file)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt._prune(run / "checkpoint-6")
+    monkeypatch.setattr(ckpt.shutil, "rmtree", real_rmtree)
+    visible = sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint-"))
+    assert visible == ["checkpoint-12"]  # the half-deleted one is hidden, not a broken checkpoint-6
+    ckpt.remove_stale_staging(run)
+    assert not [p for p in run.iterdir() if p.name.startswith(".checkpoint-")]
+    assert [p.name for p in ckpt.checkpoints(run)] == ["checkpoint-12"]
+
+
+def test_a_half_pruned_checkpoint_from_before_is_removed_at_start(tmp_path):
+    """A checkpoint-N missing its trainer state and older than the newest complete one (what a kill during the
+    old in-place deletion left) is finished off at start-up; a newer incomplete one is not touched."""
+    run = tmp_path / "run"
+    loop.train(small_config(tmp_path, "checkpointing.keep_last=null", "data.eval=null"), log=lambda *_: None)
+    (run / "checkpoint-6" / ckpt.STATE_FILE).unlink()
+    (run / "checkpoint-99").mkdir()  # not ours to judge: newer than any complete checkpoint
+    ckpt.remove_stale_staging(run)
+    assert not (run / "checkpoint-6").exists() and (run / "checkpoint-99").is_dir()
+    assert [p.name for p in ckpt.checkpoints(run)] == ["checkpoint-12"]

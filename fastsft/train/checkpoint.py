@@ -59,17 +59,32 @@ def checkpoint_step(path: Path) -> int:
 
 
 def remove_stale_staging(run_dir: Path) -> None:
-    """Clean up after a run killed mid-save: a `.checkpoint-N.retired-*` whose checkpoint-N is missing (killed
-    between retiring the old copy of a step and publishing the new one) is put back; every other
-    `.checkpoint-*.partial-*` / `.retired-*` directory is half-written or superseded and is deleted."""
+    """Clean up after a run killed mid-save or mid-prune: a `.checkpoint-N.retired-*` whose checkpoint-N is
+    missing (killed between retiring the old copy of a step and publishing the new one) is put back; every
+    other `.checkpoint-*.partial-*` / `.retired-*` / `.pruned-*` directory is half-written, superseded or
+    half-deleted and is deleted. So is a visible checkpoint-N without its trainer state that is older than
+    the newest complete checkpoint (a run before pruning became a rename, killed while deleting it)."""
     run_dir = Path(run_dir)
     for path in sorted(run_dir.glob(".checkpoint-*.retired-*")):
         final = run_dir / path.name[1:].split(".retired-")[0]
         if not final.exists() and (path / STATE_FILE).is_file():
             os.replace(path, final)
     for path in run_dir.glob(".checkpoint-*"):
-        if ".partial-" in path.name or ".retired-" in path.name:
+        if any(tag in path.name for tag in (".partial-", ".retired-", ".pruned-")):
             shutil.rmtree(path, ignore_errors=True)
+    complete = checkpoints(run_dir)
+    newest = checkpoint_step(complete[-1]) if complete else -1
+    for path in run_dir.glob("checkpoint-*"):
+        if path.is_dir() and -1 < checkpoint_step(path) < newest and not (path / STATE_FILE).is_file():
+            _prune(path)
+
+
+def _prune(checkpoint: Path) -> None:
+    """Delete a checkpoint as atomically as it was written: one rename hides it from `checkpoints` and from
+    resume, then the deletion; a kill during the deletion leaves a `.pruned-` folder the next start removes."""
+    hidden = checkpoint.with_name(f".{checkpoint.name}.pruned-{os.getpid()}")
+    os.replace(checkpoint, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
 
 
 @contextmanager
@@ -174,7 +189,7 @@ def save_checkpoint(
     # another run is refused before training, see loop._resume_checkpoint).
     for old in checkpoints(run_dir)[:-keep_last] if keep_last else []:
         if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+            _prune(old)
     return final
 
 
