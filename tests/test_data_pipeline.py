@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -382,3 +383,38 @@ def test_abandoned_staging_of_a_dead_process_is_removed(tmp_path, tokenizer, dat
     alive.mkdir()
     prepare_dataset(data_file, tokenizer, cache_dir=tmp_path, use_cache=False)
     assert not abandoned.exists() and alive.exists()
+
+
+def test_a_cache_cut_short_from_outside_is_named_and_rebuilt(tmp_path, tokenizer, data_file):
+    from fastsft.data.dataset import DamagedCacheError, TokenizedDataset
+
+    cache = tmp_path / "cache"
+    first = prepare_dataset(data_file, tokenizer, max_seq_len=4096, cache_dir=cache)
+    expected = [(ids.copy(), trained.copy()) for ids, trained in (first[i] for i in range(len(first)))]
+    tokens = first.path / "tokens.bin"
+    size = tokens.stat().st_size
+    del first
+    with open(tokens, "r+b") as f:
+        f.truncate(size // 2)
+    with pytest.raises(DamagedCacheError, match=rf"{tokens.parent}: damaged cache: tokens.bin is {size // 2:,} bytes"):
+        TokenizedDataset(tokens.parent)
+    with pytest.warns(UserWarning, match=r"damaged cache: tokens.bin .*; rebuilding it"):
+        again = prepare_dataset(data_file, tokenizer, max_seq_len=4096, cache_dir=cache)
+    assert again.path == tokens.parent and tokens.stat().st_size == size
+    for i, (ids, trained) in enumerate(expected):
+        assert np.array_equal(again[i][0], ids) and np.array_equal(again[i][1], trained)
+
+
+def test_the_cache_is_on_disk_before_it_is_published(tmp_path, tokenizer, data_file, monkeypatch):
+    """Like a checkpoint: every file and the folder flushed, then the rename, then the rename flushed."""
+    from fastsft.data import dataset
+
+    events = []
+    monkeypatch.setattr(dataset, "fsync_tree", lambda path: events.append(("tree", path.name)))
+    monkeypatch.setattr(dataset, "fsync_path", lambda path: events.append(("dir", path.name)))
+    real_replace = os.replace
+    monkeypatch.setattr(dataset.os, "replace", lambda a, b: (events.append(("rename", Path(b).name)),
+                                                             real_replace(a, b))[1])  # fmt: skip
+    data = prepare_dataset(data_file, tokenizer, max_seq_len=4096, cache_dir=tmp_path / "cache")
+    assert [kind for kind, _ in events] == ["tree", "rename", "dir"]
+    assert events[0][1].startswith(f".{data.path.name}.partial-") and events[1][1] == data.path.name

@@ -31,11 +31,14 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from fastsft._durable import fsync_path, fsync_tree
 
 from .formats import DataError, LoadReport, Record, iter_records
 from .templates import MaskOptions, ResponseMasker
@@ -84,6 +87,10 @@ class TokenizeReport:
         return "; ".join(parts)
 
 
+class DamagedCacheError(DataError):
+    """A cache folder whose files do not match its meta.json (prepare_dataset rebuilds such a cache)."""
+
+
 class TokenizedDataset:
     """Examples as memory-mapped arrays: `len(data)`, `data[i] -> (ids int32 [n], trained bool [n])`,
     `data.lengths` (int64 [N]), `data.report`, `data.path` (the cache directory)."""
@@ -97,6 +104,7 @@ class TokenizedDataset:
         report = dict(meta["report"])
         self.report = TokenizeReport(**report)
         n_tokens, n_examples = meta["tokens"], meta["examples"]
+        _check_sizes(self.path, n_tokens, n_examples)
         self.offsets = _map(self.path / "offsets.bin", np.int64, n_examples + 1)
         self.tokens = _map(self.path / "tokens.bin", TOKEN_DTYPE, n_tokens)
         self.trained = _map(self.path / "trained.bin", np.uint8, n_tokens)
@@ -119,6 +127,20 @@ class TokenizedDataset:
 
     def __repr__(self) -> str:
         return f"TokenizedDataset({self.path}: {self.report.summary()})"
+
+
+def _check_sizes(path: Path, n_tokens: int, n_examples: int) -> None:
+    """The cache's arrays have the sizes meta.json promises; a file cut short (or changed) from outside is a
+    damaged cache, named, never mapped (numpy would fail with "mmap length is greater than file size")."""
+    expected = {"offsets.bin": (n_examples + 1) * 8, "tokens.bin": n_tokens * np.dtype(TOKEN_DTYPE).itemsize,
+                "trained.bin": n_tokens}  # fmt: skip
+    for name, size in expected.items():
+        file = path / name
+        actual = file.stat().st_size if file.is_file() else None
+        if size and actual != size:
+            found = "missing" if actual is None else f"{actual:,} bytes"
+            raise DamagedCacheError(str(path), None, f"damaged cache: {name} is {found}, expected {size:,} bytes "
+                                    "(delete this folder to rebuild it)", "damaged cache")  # fmt: skip
 
 
 def _map(path: Path, dtype, count: int) -> np.ndarray:
@@ -289,7 +311,11 @@ def prepare_dataset(
     key = _cache_key(source, tokenizer, masker.chat_template, settings)
     final = root / key
     if use_cache and (final / "meta.json").is_file():
-        return TokenizedDataset(final)
+        try:
+            return TokenizedDataset(final)
+        except DamagedCacheError as error:
+            warnings.warn(f"{error}; rebuilding it", stacklevel=2)
+            use_cache = False  # build it again and swap the damaged one out
 
     root.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_staging(root, key)
@@ -324,11 +350,13 @@ def _publish(staging: Path, final: Path, *, replace: bool) -> None:
         retired = final.with_name(f".{final.name}.retired-{os.getpid()}")
         os.replace(final, retired)
         shutil.rmtree(retired, ignore_errors=True)
+    fsync_tree(staging)  # on disk before the rename makes it the cache (a crash must not leave a cut one)
     try:
         os.replace(staging, final)
     except OSError:
         if not (final / "meta.json").is_file():  # not a lost race: a real failure
             raise
+    fsync_path(final.parent)
 
 
 def _chunks(records: Iterable[Record], size: int) -> Iterator[list[Record]]:

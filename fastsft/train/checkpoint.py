@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastsft._durable import fsync_path, fsync_tree
+
 STATE_FILE = "trainer_state.pt"
 STATE_JSON = "trainer_state.json"
 META_FILE = "fastsft.json"
@@ -101,16 +103,6 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def _fsync_tree(directory: Path) -> None:
-    """Flush every file of `directory` and the directory itself to disk (before the rename publishes it)."""
-    for path in [*sorted(p for p in directory.rglob("*") if p.is_file()), directory]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def rng_state() -> dict:
     """Every RNG the loop's results depend on, as tensors and plain data (weights_only-loadable)."""
     _, keys, pos, has_gauss, cached = np.random.get_state()
@@ -172,7 +164,7 @@ def save_checkpoint(
         (staging / STATE_JSON).write_text(json.dumps(asdict(position), indent=1))
         if meta is not None:
             (staging / META_FILE).write_text(json.dumps(meta, indent=1))
-        _fsync_tree(staging)
+        fsync_tree(staging)
         if final.exists():  # the same step saved again (e.g. at the end): replace it
             retired = run_dir / f".{final.name}.retired-{os.getpid()}"
             os.replace(final, retired)
@@ -180,11 +172,7 @@ def save_checkpoint(
         os.replace(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    fd = os.open(run_dir, os.O_RDONLY)  # the rename itself, on disk
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(run_dir)  # the rename itself, on disk
     # Keep the newest keep_last, never the one just written (a directory holding newer checkpoints of
     # another run is refused before training, see loop._resume_checkpoint).
     for old in checkpoints(run_dir)[:-keep_last] if keep_last else []:
