@@ -491,3 +491,38 @@ def test_a_half_pruned_checkpoint_from_before_is_removed_at_start(tmp_path):
     ckpt.remove_stale_staging(run)
     assert not (run / "checkpoint-6").exists() and (run / "checkpoint-99").is_dir()
     assert [p.name for p in ckpt.checkpoints(run)] == ["checkpoint-12"]
+
+
+def _two_checkpoints(tmp_path):
+    loop.train(small_config(tmp_path, "checkpointing.keep_last=null", "data.eval=null"), log=lambda *_: None)
+    return tmp_path / "run"
+
+
+def test_a_truncated_newest_checkpoint_is_refused_in_one_line_naming_the_file(tmp_path, capsys):
+    from fastsft.cli import main
+
+    run = _two_checkpoints(tmp_path)
+    weights = run / "checkpoint-12" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5])
+    args = [f"output_dir={run}", f"data.cache_dir={tmp_path / 'cache'}", "schedule.max_steps=14",
+            "packing.max_tokens=512", "data.max_seq_len=256", "data.eval=null", "eval.exact_match=false",
+            "logging.progress_bar=false", "checkpointing.every_steps=6", "schedule.warmup_steps=2"]  # fmt: skip
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{weights} cannot be read" in err[0], err
+    assert f"checkpointing.resume={run / 'checkpoint-6'}" in err[0]
+
+
+def test_a_malicious_trainer_state_is_refused_without_suggesting_to_unpickle_it(tmp_path):
+    run = _two_checkpoints(tmp_path)
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    torch.save({"optimizer": Payload()}, run / "checkpoint-12" / ckpt.STATE_FILE)
+    with pytest.raises(ckpt.ResumeError) as info:
+        loop.train(small_config(tmp_path, "schedule.max_steps=14", "data.eval=null"), log=lambda *_: None)
+    message = str(info.value)
+    assert "trainer_state.pt holds objects other than tensors and plain data" in message
+    assert "weights_only" not in message and "checkpoint-6" in message

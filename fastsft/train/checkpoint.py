@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -200,11 +201,35 @@ def load_meta(checkpoint: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _damaged(file: Path, error: BaseException) -> ResumeError:
+    """A checkpoint file that cannot be read: named, with the way on (never torch's advice to unpickle)."""
+    checkpoint = file.parent
+    if isinstance(error, pickle.UnpicklingError):  # torch's message suggests weights_only=False: the unsafe path
+        why = "holds objects other than tensors and plain data, which fastsft never unpickles (not written by fastsft?)"
+    else:
+        why = f"cannot be read ({(str(error).strip() or type(error).__name__).splitlines()[0]}): damaged or cut short"
+    earlier = [p for p in checkpoints(checkpoint.parent) if checkpoint_step(p) < checkpoint_step(checkpoint)]
+    way = (f"resume from the previous one with checkpointing.resume={earlier[-1]}, or delete {checkpoint.name}"
+           if earlier else f"delete {checkpoint.name} to start over")  # fmt: skip
+    return ResumeError(f"{file} {why}; {way}")
+
+
 def load_trainer_state(checkpoint: Path) -> dict:
     """The trainer state of a checkpoint (weights_only: tensors and plain data, nothing unpickled)."""
     # mmap: every rank of a resumed run reads this file; mapped, the AdamW states are paged in as they are
     # copied into this rank's optimizer instead of each rank holding a whole copy.
-    return torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+    file = Path(checkpoint) / STATE_FILE
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # UnpicklingError, RuntimeError (a cut zip), EOFError, ...
+        raise _damaged(file, error) from None
+
+
+def _read_safetensors(file: Path, load_file) -> dict:
+    try:
+        return load_file(file)
+    except Exception as error:  # SafetensorError: invalid header length, incomplete file, ...
+        raise _damaged(file, error) from None
 
 
 def load_model_weights(model, checkpoint: Path) -> None:
@@ -216,14 +241,14 @@ def load_model_weights(model, checkpoint: Path) -> None:
     if adapter.is_file():
         from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(model, load_file(adapter))
+        set_peft_model_state_dict(model, _read_safetensors(adapter, load_file))
         return
     files = sorted(checkpoint.glob("model*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{checkpoint}: no model*.safetensors")
     state = {}
     for file in files:
-        state.update(load_file(file))
+        state.update(_read_safetensors(file, load_file))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")}  # tied to the embeddings: not saved
     if set(missing) - tied or unexpected:
