@@ -79,8 +79,9 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     assert [p.name for p in ckpt.checkpoints(tmp_path / "b" / "run")] == ["checkpoint-6"]
 
     resumed = loop.train(small_config(tmp_path / "b"), log=lambda *_: None)
-    assert resumed.steps == 12 and len(resumed.losses) == 6
-    assert resumed.losses == uninterrupted.losses[6:]  # bit-identical on CPU fp32
+    # The first 6 losses come from checkpoint-6, the rest were trained again: the whole run, bit-identical on CPU.
+    assert resumed.steps == 12 and len(resumed.losses) == 12 and resumed.losses_first_step == 1
+    assert resumed.losses == uninterrupted.losses
 
 
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
@@ -472,7 +473,7 @@ def test_pruning_is_a_rename_so_a_kill_mid_delete_leaves_no_half_checkpoint(tmp_
 
     monkeypatch.setattr(ckpt.shutil, "rmtree", killed_after_one_file)
     with pytest.raises(KeyboardInterrupt):
-        ckpt._prune(run / "checkpoint-6")
+        ckpt.prune_checkpoint(run / "checkpoint-6")
     monkeypatch.setattr(ckpt.shutil, "rmtree", real_rmtree)
     visible = sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint-"))
     assert visible == ["checkpoint-12"]  # the half-deleted one is hidden, not a broken checkpoint-6
@@ -526,3 +527,38 @@ def test_a_malicious_trainer_state_is_refused_without_suggesting_to_unpickle_it(
     message = str(info.value)
     assert "trainer_state.pt holds objects other than tensors and plain data" in message
     assert "weights_only" not in message and "checkpoint-6" in message
+
+
+def test_result_json_covers_the_whole_run_after_a_resume(tmp_path):
+    """The losses of the steps before a resume travel in the checkpoint (steps 5 and 6 too, taken after the
+    last log step at 4), so the resumed run's result.json lists every step, equal to the uninterrupted run's."""
+    config = small_config(tmp_path, "logging.every_steps=4", "data.eval=null", "checkpointing.keep_last=null")
+    straight = loop.train(config, log=lambda *_: None)
+    run = tmp_path / "run"
+    shutil.rmtree(run / "checkpoint-12")  # killed after checkpoint-6: resume from there
+    (run / "result.json").unlink()
+    resumed = loop.train(config, log=lambda *_: None)
+    recorded = json.loads((run / "result.json").read_text())
+    assert recorded["losses_first_step"] == 1 and len(recorded["losses"]) == 12 == len(straight.losses)
+    assert resumed.losses == pytest.approx(straight.losses, rel=1e-6)
+    assert recorded["losses"] == pytest.approx(straight.losses, rel=1e-5)
+
+
+def test_a_kill_after_the_final_checkpoint_is_completed_by_running_again(tmp_path):
+    """Killed after the final checkpoint but before result.json, loss.png and the last pruning: running the
+    same command again trains nothing and completes those outputs."""
+    config = small_config(tmp_path, "checkpointing.keep_last=1", "data.eval=null")
+    first = loop.train(config, log=lambda *_: None)
+    run = tmp_path / "run"
+    (run / "result.json").unlink()
+    (run / "loss.png").unlink(missing_ok=True)
+    shutil.copytree(run / "checkpoint-12", run / "checkpoint-6")  # the older one, not yet pruned
+    lines = []
+    again = loop.train(config, log=lines.append)
+    assert any("nothing to do" in line for line in lines)
+    assert any("completed the run's outputs" in line for line in lines)
+    assert [p.name for p in ckpt.checkpoints(run)] == ["checkpoint-12"]
+    recorded = json.loads((run / "result.json").read_text())
+    assert recorded["losses"] == pytest.approx(first.losses, rel=1e-6) and recorded["steps"] == 12
+    assert recorded["final_loss"] == pytest.approx(first.final_loss, rel=1e-6) and again.steps == 12
+    assert (run / "loss.png").is_file()

@@ -79,10 +79,10 @@ def remove_stale_staging(run_dir: Path) -> None:
     newest = checkpoint_step(complete[-1]) if complete else -1
     for path in run_dir.glob("checkpoint-*"):
         if path.is_dir() and -1 < checkpoint_step(path) < newest and not (path / STATE_FILE).is_file():
-            _prune(path)
+            prune_checkpoint(path)
 
 
-def _prune(checkpoint: Path) -> None:
+def prune_checkpoint(checkpoint: Path) -> None:
     """Delete a checkpoint as atomically as it was written: one rename hides it from `checkpoints` and from
     resume, then the deletion; a kill during the deletion leaves a `.pruned-` folder the next start removes."""
     hidden = checkpoint.with_name(f".{checkpoint.name}.pruned-{os.getpid()}")
@@ -178,7 +178,7 @@ def save_checkpoint(
     # another run is refused before training, see loop._resume_checkpoint).
     for old in checkpoints(run_dir)[:-keep_last] if keep_last else []:
         if old != final:
-            _prune(old)
+            prune_checkpoint(old)
     return final
 
 

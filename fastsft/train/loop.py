@@ -56,7 +56,8 @@ class TrainResult:
     exact_match_before: float | None = None
     exact_match_after: float | None = None
     skipped_steps: int = 0
-    losses: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # every step's loss, from step losses_first_step on
+    losses_first_step: int = 1  # 1: the whole run (a resume carries the earlier steps' losses in its checkpoint)
     samples: list[tuple[str, str, str]] = field(default_factory=list)  # (question, expected, generated)
     plot: Path | None = None  # the loss-curve PNG
 
@@ -443,10 +444,14 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
     log(f"{steps_per_epoch} steps per epoch (packing efficiency {efficiency:.1%}){ranks}; {total_steps} steps")
     if resume_from is not None and position.step >= total_steps:
         log(f"{resume_from} is the end of this run ({total_steps} steps): nothing to do")
-        return _finished_result(run_dir, position)
+        return _finished_result(run_dir, position, state, config, dist, log)
 
     items = []
     result = TrainResult(run_dir, position.step, None)
+    if state is not None:  # the earlier steps' losses (a checkpoint without them: this process's steps only)
+        result.losses = list(state.get("losses", []))
+        result.losses_first_step = int(state.get("losses_first_step", position.step + 1 if "losses" not in state
+                                                 else 1))  # fmt: skip
     if config.eval.exact_match and config.data.eval_source == "synthetic":
         from .synthetic import exact_match_items
 
@@ -491,7 +496,11 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
     def save() -> Path:
         sync_counts()
         position.layout = layout(position.epoch)
-        return _save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, position, config, dist)
+        losses = list(result.losses)
+        if pending_losses:  # steps since the last log step: their losses (summed over ranks) go in too
+            losses += dist.all_reduce_sum(torch.stack(pending_losses).double()).tolist()
+        return _save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, position, config, dist,
+                                losses, result.losses_first_step)  # fmt: skip
 
     def evaluate() -> None:
         result.eval_loss = evaluate_loss(model, eval_loader, device, autocast_dtype, config.eval.max_batches, dist)
@@ -649,16 +658,51 @@ def _total_steps(config: TrainConfig, loader: PackedLoader, position: ckpt.Posit
     return total
 
 
-def _finished_result(run_dir: Path, position: ckpt.Position) -> TrainResult:
-    """A resumed run with nothing left to do: what the run recorded, nothing rewritten."""
+def _finished_result(run_dir: Path, position: ckpt.Position, state: dict, config: TrainConfig, dist: Distributed,
+                     log) -> TrainResult:  # fmt: skip
+    """A resumed run with nothing left to train: what the run recorded. A run killed after its final checkpoint
+    but before its last outputs is completed here: keep_last's pruning, result.json (from the checkpoint's
+    losses and metrics.jsonl's evaluations) and loss.png; nothing that exists is rewritten."""
     result = TrainResult(run_dir, position.step, None, skipped_steps=position.skipped_steps)
     recorded = run_dir / "result.json"
     if recorded.is_file():
         data = json.loads(recorded.read_text())
-        for key in ("final_loss", "eval_loss", "exact_match_before", "exact_match_after", "losses"):
+        for key in ("final_loss", "eval_loss", "exact_match_before", "exact_match_after", "losses",
+                    "losses_first_step"):  # fmt: skip
             setattr(result, key, data.get(key, getattr(result, key)))
         result.samples = [tuple(sample) for sample in data.get("samples", [])]
+        return result
+    if not dist.is_main:
+        return result
+    keep = config.checkpointing.keep_last
+    for old in ckpt.checkpoints(run_dir)[:-keep] if keep else []:
+        ckpt.prune_checkpoint(old)
+    result.losses = list(state.get("losses", []))
+    result.losses_first_step = int(state.get("losses_first_step", 1))
+    for record in _metric_records(run_dir / "metrics.jsonl"):
+        for key, attribute in (("loss", "final_loss"), ("eval_loss", "eval_loss"),
+                               ("exact_match", "exact_match_after")):  # fmt: skip
+            if key in record:
+                setattr(result, attribute, record[key])
+    if config.logging.jsonl and config.logging.plot and not (run_dir / "loss.png").is_file():
+        result.plot = plot_loss_curves(run_dir / "metrics.jsonl", run_dir / "loss.png",
+                                       required=config.logging.plot is True)  # fmt: skip
+    recorded.write_text(json.dumps(_jsonable(result), indent=1))
+    log(f"completed the run's outputs: {recorded.name}" + (f", {result.plot.name}" if result.plot else ""))
     return result
+
+
+def _metric_records(path: Path) -> list[dict]:
+    """metrics.jsonl's records (a line cut by a kill is left out)."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def _record_config(config: TrainConfig, run_dir: Path, resume_from: Path | None) -> None:
@@ -697,10 +741,14 @@ def _apply_optimizer_config(optimizer, scheduler, config: TrainConfig) -> None:
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
-def _save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, position, config, dist: Distributed) -> Path:
-    """Gather the whole state (collectives under fsdp; every rank calls this), rank 0 writes it atomically."""
+def _save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, position, config, dist: Distributed,
+                     losses: list[float], losses_first_step: int) -> Path:  # fmt: skip
+    """Gather the whole state (collectives under fsdp; every rank calls this), rank 0 writes it atomically.
+    `losses` (every step's loss so far, from `losses_first_step`) travel with it, so a resumed run's
+    result.json covers the whole run."""
     model_state = dist.full_model_state(model, trainable_only=config.lora.enabled)  # LoRA: adapters alone
-    state = {"optimizer": dist.optimizer_state(model, optimizer), "scheduler": scheduler.state_dict()}
+    state = {"optimizer": dist.optimizer_state(model, optimizer), "scheduler": scheduler.state_dict(),
+             "losses": [float(x) for x in losses], "losses_first_step": int(losses_first_step)}  # fmt: skip
     rngs = dist.all_gather_object(ckpt.rng_state())
     state["rng"], state["rng_per_rank"] = rngs[0], rngs
     path = run_dir / f"checkpoint-{position.step}"
