@@ -562,3 +562,39 @@ def test_a_kill_after_the_final_checkpoint_is_completed_by_running_again(tmp_pat
     assert recorded["losses"] == pytest.approx(first.losses, rel=1e-6) and recorded["steps"] == 12
     assert recorded["final_loss"] == pytest.approx(first.final_loss, rel=1e-6) and again.steps == 12
     assert (run / "loss.png").is_file()
+
+
+def test_kill_9_right_after_a_checkpoint_appears_then_run_again(tmp_path):
+    """A real kill -9 of `fastsft train` the moment checkpoint-6 appears (mid-prune, mid-save or just after:
+    wherever it lands), then the same command again: the run ends whole (every step's loss in result.json,
+    equal to an uninterrupted run's), keep_last holds and no staging, retired or pruned folder is left."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_records(300, seed=0, split="train")))
+    settings = [f"data.train={data}", "data.eval=null", "schedule.max_steps=12", "schedule.warmup_steps=2",
+                "packing.max_tokens=512", "data.max_seq_len=256", "checkpointing.every_steps=3",
+                "checkpointing.keep_last=2", "logging.every_steps=4", "logging.progress_bar=false",
+                "eval.exact_match=false", f"data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+
+    def command(run):
+        return [sys.executable, "-m", "fastsft", "train", f"output_dir={run}", *settings]
+
+    straight = loop.train(load_config(None, [f"output_dir={tmp_path / 'straight'}", *settings]), log=lambda *_: None)
+    run = tmp_path / "killed"
+    process = subprocess.Popen(command(run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoint-6").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    again = subprocess.run(command(run), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    recorded = json.loads((run / "result.json").read_text())
+    assert recorded["losses_first_step"] == 1 and recorded["losses"] == pytest.approx(straight.losses, rel=1e-5)
+    assert [p.name for p in ckpt.checkpoints(run)] == ["checkpoint-9", "checkpoint-12"]
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]
