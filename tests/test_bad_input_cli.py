@@ -132,3 +132,14 @@ def test_lora_target_modules_that_match_nothing_name_the_real_ones(tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "lora.target_modules=['query', 'value'] matches no module of this model" in err[0], err
     assert "q_proj" in err[0] and "v_proj" in err[0]
+
+
+def test_a_deeply_nested_line_is_skipped_and_counted_in_skip_mode(tmp_path):
+    from fastsft.data.formats import LoadReport, iter_records
+
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps(GOOD) + "\n" + "[" * 100_000 + "\n" + json.dumps(GOOD) + "\n")
+    report = LoadReport()
+    records = list(iter_records(data, on_bad_record="skip", report=report))
+    assert [r.location for r in records] == [f"{data}:1", f"{data}:3"]
+    assert dict(report.skipped) == {"invalid JSON": 1}
