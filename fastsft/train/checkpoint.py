@@ -201,13 +201,19 @@ def load_meta(checkpoint: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's message on one line (the CLI prints bad input as one line), "(...)" when cut."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0] + (" (...)" if "\n" in text else "")
+
+
 def _damaged(file: Path, error: BaseException) -> ResumeError:
     """A checkpoint file that cannot be read: named, with the way on (never torch's advice to unpickle)."""
     checkpoint = file.parent
     if isinstance(error, pickle.UnpicklingError):  # torch's message suggests weights_only=False: the unsafe path
         why = "holds objects other than tensors and plain data, which fastsft never unpickles (not written by fastsft?)"
     else:
-        why = f"cannot be read ({(str(error).strip() or type(error).__name__).splitlines()[0]}): damaged or cut short"
+        why = f"cannot be read ({first_line(error)}): damaged or cut short"
     earlier = [p for p in checkpoints(checkpoint.parent) if checkpoint_step(p) < checkpoint_step(checkpoint)]
     way = (f"resume from the previous one with checkpointing.resume={earlier[-1]}, or delete {checkpoint.name}"
            if earlier else f"delete {checkpoint.name} to start over")  # fmt: skip

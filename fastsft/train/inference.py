@@ -101,13 +101,8 @@ def _load_full(path: Path, *, trust_remote_code: bool = False):
             path, local_files_only=True, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=torch.float32
         )
     except Exception as exc:  # OSError, ValueError, a size mismatch, a truncated safetensors file, ...
-        raise CheckpointError(f"{path}: cannot be loaded as a Hugging Face causal LM: {_first_line(exc)}") from exc
+        raise CheckpointError(f"{path}: cannot be loaded as a Hugging Face causal LM: {ckpt.first_line(exc)}") from exc
     return model, tokenizer
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0] + (" (...)" if "\n" in text else "")
 
 
 def _load_base(info: CheckpointInfo, base: str | os.PathLike | None, *, trust_remote_code: bool = False):
@@ -160,7 +155,7 @@ def _load_unpatched(path, *, base=None, trust_remote_code: bool = False):
         model = peft.PeftModel.from_pretrained(base_model, info.path, is_trainable=False)
     except Exception as exc:  # e.g. --base pointing at another architecture: a multi-line size mismatch
         raise CheckpointError(
-            f"{info.path}: the adapter does not fit the base model {base_name!r}: {_first_line(exc)}"
+            f"{info.path}: the adapter does not fit the base model {base_name!r}: {ckpt.first_line(exc)}"
         ) from exc
     tokenizer = _checkpoint_tokenizer(info, base_tokenizer, trust_remote_code=trust_remote_code)
     return model, tokenizer, info, base_name

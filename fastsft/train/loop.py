@@ -125,8 +125,8 @@ def load_model_and_tokenizer(config: TrainConfig, *, device: str | None = None):
             path, local_files_only=True, trust_remote_code=trust, dtype=torch.float32, use_safetensors=True
         )
     except Exception as exc:  # OSError, ValueError, a truncated safetensors file, a tokenizer it cannot build...
-        first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-        raise ConfigError(f"model.name_or_path={path}: cannot be loaded as a Hugging Face causal LM: {first}") from exc
+        reason = ckpt.first_line(exc)
+        raise ConfigError(f"model.name_or_path={path}: cannot be loaded as a Hugging Face causal LM: {reason}") from exc
     return model, tokenizer
 
 
