@@ -30,6 +30,7 @@ import torch
 
 from fastsft.ops import apply_rope, varlen_attention
 
+from .binding import original_forward
 from .families import attention_softcap, sliding_window
 
 ATTENTION_NAME = "fastsft"
@@ -127,12 +128,6 @@ class AttentionState:
     implementation: str = "fastsft"
 
 
-def _original(module):
-    from .patcher import original_forward
-
-    return original_forward(module)
-
-
 def _modeling(module):
     """The module's own modeling file (its apply_rotary_pos_emb and eager_attention_forward)."""
     return sys.modules[type(module).__module__]
@@ -148,7 +143,7 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
     plan = kwargs.get(PLAN_KWARG)
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is not None or position_embeddings is None or (state.attention and plan is None):
-        return _original(self)(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+        return original_forward(self)(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
 
     batch, seq_len = hidden_states.shape[:2]
     rows = batch * seq_len
@@ -345,7 +340,7 @@ def decoder_forward(self, *args, **kwargs):
 
     A training forward without a cache also gets use_cache=False: a cache built during training would send
     every layer to the slow cached path (and HF only packs by position_ids without a cache)."""
-    original = _original(self)
+    original = original_forward(self)
     signature = _signature(original.__func__) if isinstance(original, types.MethodType) else inspect.signature(original)
     bound = signature.bind_partial(self, *args, **kwargs) if isinstance(original, types.MethodType) else None
     arguments = bound.arguments if bound is not None else signature.bind_partial(*args, **kwargs).arguments

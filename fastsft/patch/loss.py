@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from fastsft.ops import fused_linear_cross_entropy
 
+from .binding import original_forward
 from .families import Family, final_softcap
 
 IGNORE_INDEX = -100
@@ -56,8 +57,6 @@ def _whole(t, name: str):
 
 
 def causal_lm_forward(self, *args, **kwargs):
-    from .patcher import original_forward
-
     original = original_forward(self)
     state = self._fastsft_loss
     signature = inspect.signature(original)

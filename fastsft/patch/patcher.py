@@ -23,8 +23,6 @@ with a warning that lists the families. `unpatch` removes every bound forward an
 from __future__ import annotations
 
 import copy
-import inspect
-import types
 import warnings
 from dataclasses import dataclass, field
 
@@ -35,6 +33,7 @@ from fastsft.ops.attention import check_attention_implementation
 from . import attention as attention_patch
 from . import loss as loss_patch
 from . import modules as module_patch
+from .binding import Undo
 from .families import FAMILIES, Family, attention_softcap, family_of
 
 STATE_ATTRIBUTE = "_fastsft_patch"
@@ -59,61 +58,6 @@ class PatchReport:
         lines = [f"fastsft.patch({self.model_type}, family {self.family}): {done}"]
         lines += [f"  not patched: {name}: {why}" for name, why in self.not_patched.items()]
         return "\n".join(lines)
-
-
-def original_forward(module: nn.Module):
-    """The forward the module had before fastsft bound its own (its class's, or an earlier instance one)."""
-    previous = module.__dict__.get("_fastsft_previous_forward")
-    return previous if previous is not None else types.MethodType(type(module).forward, module)
-
-
-class PatchedForward:
-    """A module's per-instance `forward`: calls `function(module, ...)`. It shows the original forward's
-    signature (HF Trainer reads it to choose which dataset columns to keep) and, unlike a bound method of a
-    module-level function, survives pickle and deepcopy (its state is plain data)."""
-
-    def __init__(self, function, module: nn.Module):
-        self.function = function
-        self.module = module
-
-    def __call__(self, *args, **kwargs):
-        return self.function(self.module, *args, **kwargs)
-
-    @property
-    def __signature__(self) -> inspect.Signature:
-        return inspect.signature(original_forward(self.module))
-
-
-@dataclass
-class _Undo:
-    """Everything needed to put the model back exactly as it was."""
-
-    forwards: list[tuple[nn.Module, list[str]]] = field(default_factory=list)  # (module, attributes we set)
-    configs: list[tuple[nn.Module, object]] = field(default_factory=list)  # (module, its original config)
-
-    def bind(self, module: nn.Module, function, **state) -> None:
-        """Bind `function` as module.forward (keeping an existing instance forward to call and restore) and
-        set the module's fastsft state attributes."""
-        names = list(state)
-        previous = module.__dict__.get("forward")
-        if previous is not None:
-            module.__dict__["_fastsft_previous_forward"] = previous
-            names.append("_fastsft_previous_forward")
-        for name, value in state.items():
-            module.__dict__[name] = value
-        module.__dict__["forward"] = PatchedForward(function, module)
-        self.forwards.append((module, names))
-
-    def undo(self) -> None:
-        for module, names in reversed(self.forwards):
-            previous = module.__dict__.get("_fastsft_previous_forward")
-            module.__dict__.pop("forward", None)
-            if previous is not None:
-                module.__dict__["forward"] = previous
-            for name in names:
-                module.__dict__.pop(name, None)
-        for module, config in reversed(self.configs):
-            module.config = config
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:
@@ -151,7 +95,7 @@ def _decoder(model: nn.Module) -> nn.Module | None:
     return base if isinstance(base, nn.Module) and base is not model else None
 
 
-def _own_config(model: nn.Module, undo: _Undo):
+def _own_config(model: nn.Module, undo: Undo):
     """Give the model a private copy of its config; every module holding the shared config, or one of its
     sub-configs, gets the matching copy."""
     shared = model.config
@@ -177,7 +121,7 @@ def patch_model(model, *, rms_norm=True, rope=True, swiglu=True, attention=True,
     _check_unsharded(model)
     model_type, family = family_of(model.config)
     report = PatchReport(model_type, model_type if family is not None else "generic")
-    undo = _Undo()
+    undo = Undo()
     if attention is not False and attention is not None:
         attention = check_attention_implementation(attention)  # True -> "fastsft"; a missing backend raises here
     options = dict(rms_norm=rms_norm, rope=rope, swiglu=swiglu, attention=attention, cross_entropy=cross_entropy)
@@ -206,7 +150,7 @@ def _generic_blockers(model, config) -> dict[str, str]:
     return blockers
 
 
-def _patch(model, family: Family | None, report: PatchReport, undo: _Undo, options: dict, keep_logits: bool):
+def _patch(model, family: Family | None, report: PatchReport, undo: Undo, options: dict, keep_logits: bool):
     decoder = _decoder(model)
     blocked = {}
     if family is None:
@@ -255,21 +199,21 @@ def _patch(model, family: Family | None, report: PatchReport, undo: _Undo, optio
             report.not_patched[name] = blocked[name]
 
 
-def _bind_norms(model, undo: _Undo) -> int:
+def _bind_norms(model, undo: Undo) -> int:
     norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
     for norm in norms:
         undo.bind(norm, module_patch.rms_norm_forward, _fastsft_norm=module_patch.probe_norm(norm))
     return len(norms)
 
 
-def _bind_mlps(model, undo: _Undo) -> int:
+def _bind_mlps(model, undo: Undo) -> int:
     mlps = [m for m in model.modules() if isinstance(m._modules.get("gate_proj"), nn.Module) and hasattr(m, "act_fn")]
     for mlp in mlps:
         undo.bind(mlp, module_patch.gated_mlp_forward, _fastsft_activation=module_patch.probe_mlp(mlp))
     return len(mlps)
 
 
-def _bind_attention(model, family: Family, rope: bool, attention: bool, implementation: str, undo: _Undo) -> int:
+def _bind_attention(model, family: Family, rope: bool, attention: bool, implementation: str, undo: Undo) -> int:
     modules = [m for m in model.modules() if _is_attention(m)]
     if attention and implementation == "torch" and any(attention_softcap(family, m) for m in modules):
         raise ValueError(
