@@ -1,12 +1,14 @@
-"""Durable publication of a directory: everything flushed to disk before the rename that makes it visible.
+"""Durable publication: everything flushed to disk before the rename that makes it visible.
 
-Used by the two things a crash must never leave half-written: checkpoints (fastsft.train.checkpoint) and
-the tokenized data cache (fastsft.data.dataset). Standard library only, so any layer may import it.
+A crash (or a kill) must never leave a half-written checkpoint (fastsft.train.checkpoint), tokenized data
+cache (fastsft.data.dataset) or file such as a run's config.yaml: readers see the old state or the new one.
+Standard library only, so any layer may import it.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 
@@ -23,3 +25,30 @@ def fsync_tree(directory: Path) -> None:
     """Flush every file under `directory` and the directory itself (before the rename publishes it)."""
     for path in [*sorted(p for p in Path(directory).rglob("*") if p.is_file()), Path(directory)]:
         fsync_path(path)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace the file at `path` with `data`, or create it, so that nobody ever sees a part of it.
+
+    The bytes go to a hidden sibling first (same directory, hence same file system: the rename is atomic),
+    which is flushed to disk before os.replace puts it in place; then the directory is flushed, so the
+    rename itself survives a power loss. On any failure the sibling is removed and `path` keeps its old content.
+    """
+    path = Path(path)
+    # pid and a random suffix: two writers of the same file (processes or threads) never share a sibling.
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "xb") as file:  # created with the umask's permissions, like a plain write
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # KeyboardInterrupt too: never leave the sibling behind
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """`atomic_write_bytes` of `text` encoded as UTF-8."""
+    atomic_write_bytes(path, text.encode("utf-8"))
