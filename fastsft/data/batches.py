@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from fastsft._constants import IGNORE_INDEX  # shared with fastsft.patch; fastsft.data re-exports it from here
 
 
 @dataclass

@@ -37,6 +37,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
+from fastsft._constants import IGNORE_INDEX
+
 ROLES = ("system", "user", "assistant", "tool")
 # Other spellings seen in chat data: OpenAI's "developer", Gemma's "model", Llama-3.1's "ipython" tool results,
 # the older OpenAI "function" results.
@@ -55,7 +57,6 @@ SHAREGPT_ROLES = {
     "function": "tool",
     "observation": "tool",
 }
-IGNORE_INDEX = -100
 SUPPORTED_EXTENSIONS = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 _PARQUET_BATCH_ROWS = 1024
 _KIND_FIELDS = {  # Record kind -> the fields it sets (all others stay None); labels is optional for tokens
@@ -185,14 +186,24 @@ class _Dialect:
 
 
 _CHAT = _Dialect(
-    "role", "content", {**{r: r for r in ROLES}, **ROLE_ALIASES},
+    "role",
+    "content",
+    {**{r: r for r in ROLES}, **ROLE_ALIASES},
     f"known: {', '.join(ROLES)}; aliases: {', '.join(ROLE_ALIASES)}",
-)  # fmt: skip
+)
 _SHAREGPT = _Dialect("from", "value", SHAREGPT_ROLES, f"known: {', '.join(SHAREGPT_ROLES)}")
 
 
-_JSON_TYPE_NAMES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
-                    list: "a list", tuple: "a list", dict: "an object"}  # fmt: skip
+_JSON_TYPE_NAMES = {
+    type(None): "null",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    tuple: "a list",
+    dict: "an object",
+}
 
 
 def _type_name(value: Any) -> str:
@@ -509,8 +520,8 @@ def _file_rows(path: Path) -> tuple[str, Iterator[tuple[str, Any]]]:
     name = str(path)
     reader = next((read for ext, read in _READERS.items() if name.lower().endswith(ext)), None)
     if reader is None:
-        raise DataError(name, None, f"unsupported file extension (supported: {', '.join(SUPPORTED_EXTENSIONS)})",
-                        "unsupported file")  # fmt: skip
+        supported = ", ".join(SUPPORTED_EXTENSIONS)
+        raise DataError(name, None, f"unsupported file extension (supported: {supported})", "unsupported file")
     if not path.exists():
         raise FileNotFoundError(f"{name}: no such file")
     if not path.is_file():

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fastsft._constants import IGNORE_INDEX
 from fastsft.ops import fused_linear_cross_entropy
 
 from .binding import original_forward
 from .families import Family, final_softcap
 
-IGNORE_INDEX = -100
 # Arguments of the causal LM's forward that the base decoder does not take.
 _HEAD_ONLY = ("labels", "logits_to_keep", "return_dict")
 
