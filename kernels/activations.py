@@ -101,11 +101,10 @@ def _gated_backward_kernel(
     up = tl.load(UP_ptr + row * up_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     act, act_derivative = _activation_and_derivative(g, ACTIVATION, True)
     out_offsets = row * n_cols + cols  # grads are contiguous [rows, cols]
-    tl.store(GRAD_GATE_ptr + out_offsets,
-             cast_rounded(dout * up * act_derivative, GRAD_GATE_ptr.dtype.element_ty, FIX_BF16_ROUNDING),
-             mask=mask)  # fmt: skip
-    tl.store(GRAD_UP_ptr + out_offsets, cast_rounded(dout * act, GRAD_UP_ptr.dtype.element_ty, FIX_BF16_ROUNDING),
-             mask=mask)  # fmt: skip
+    grad_gate = cast_rounded(dout * up * act_derivative, GRAD_GATE_ptr.dtype.element_ty, FIX_BF16_ROUNDING)
+    grad_up = cast_rounded(dout * act, GRAD_UP_ptr.dtype.element_ty, FIX_BF16_ROUNDING)
+    tl.store(GRAD_GATE_ptr + out_offsets, grad_gate, mask=mask)
+    tl.store(GRAD_UP_ptr + out_offsets, grad_up, mask=mask)
 
 
 def _block(n_cols: int) -> dict:
@@ -123,9 +122,17 @@ def gated_forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor, *, ac
     config = _block(n_cols)
     grid = (n_rows, triton.cdiv(n_cols, config["BLOCK"]))
     _gated_forward_kernel[grid](
-        gate, gate.stride(0), up, up.stride(0), out, out.stride(0), n_cols,
-        ACTIVATION=ACTIVATIONS[activation], FIX_BF16_ROUNDING=interpreting(), **config,
-    )  # fmt: skip
+        GATE_ptr=gate,
+        gate_row_stride=gate.stride(0),
+        UP_ptr=up,
+        up_row_stride=up.stride(0),
+        OUT_ptr=out,
+        out_row_stride=out.stride(0),
+        n_cols=n_cols,
+        ACTIVATION=ACTIVATIONS[activation],
+        FIX_BF16_ROUNDING=interpreting(),
+        **config,
+    )
 
 
 def gated_backward(
@@ -144,6 +151,16 @@ def gated_backward(
     config = _block(n_cols)
     grid = (n_rows, triton.cdiv(n_cols, config["BLOCK"]))
     _gated_backward_kernel[grid](
-        grad_out, grad_out.stride(0), gate, gate.stride(0), up, up.stride(0), grad_gate, grad_up, n_cols,
-        ACTIVATION=ACTIVATIONS[activation], FIX_BF16_ROUNDING=interpreting(), **config,
-    )  # fmt: skip
+        GRAD_OUT_ptr=grad_out,
+        grad_out_row_stride=grad_out.stride(0),
+        GATE_ptr=gate,
+        gate_row_stride=gate.stride(0),
+        UP_ptr=up,
+        up_row_stride=up.stride(0),
+        GRAD_GATE_ptr=grad_gate,
+        GRAD_UP_ptr=grad_up,
+        n_cols=n_cols,
+        ACTIVATION=ACTIVATIONS[activation],
+        FIX_BF16_ROUNDING=interpreting(),
+        **config,
+    )

@@ -101,8 +101,9 @@ def _locate_block(BLOCK_DOC_ptr, BLOCK_CUM_ptr, CU_SEQLENS_ptr, block, REVERSED:
 
 
 @triton.jit
-def _key_ranges(m0, seq_len, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                HAS_WINDOW: tl.constexpr):  # fmt: skip
+def _key_ranges(
+    m0, seq_len, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr
+):
     """Key blocks visited by query block [m0, m0 + BLOCK_M): [lo, a) masked, [a, b) mask-free, [b, hi)
     masked. Blocks before lo (outside every query's window) and from hi on (above the causal diagonal,
     or past the document) are skipped.
@@ -127,8 +128,9 @@ def _key_ranges(m0, seq_len, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexp
 
 
 @triton.jit
-def _query_ranges(n0, seq_len, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                  HAS_WINDOW: tl.constexpr):  # fmt: skip
+def _query_ranges(
+    n0, seq_len, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr
+):
     """Query blocks that see key block [n0, n0 + BLOCK_N), split like `_key_ranges`: [lo, a) masked,
     [a, b) mask-free, [b, hi) masked.
 
@@ -158,12 +160,34 @@ def _query_ranges(n0, seq_len, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.conste
 
 @triton.jit
 def _forward_blocks(
-    acc, m_i, l_i, q, K_ptr, V_ptr, k_token_stride, v_token_stride,
-    rows, dims, doc_start, seq_len, window, qk_scale, softcap_log2, start, end, HEAD_DIM: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_IN_FP32: tl.constexpr, DOT_IEEE: tl.constexpr,
+    acc,
+    m_i,
+    l_i,
+    q,
+    K_ptr,
+    V_ptr,
+    k_token_stride,
+    v_token_stride,
+    rows,
+    dims,
+    doc_start,
+    seq_len,
+    window,
+    qk_scale,
+    softcap_log2,
+    start,
+    end,
+    HEAD_DIM: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    DOT_IEEE: tl.constexpr,
     FIX_BF16_ROUNDING: tl.constexpr,
-):  # fmt: skip
+):
     """Online-softmax update of (acc, m_i, l_i) over key blocks start, start + BLOCK_N, ... < end."""
     dim_ok = dims < HEAD_DIM
     for n0 in range(start, end, BLOCK_N):
@@ -171,8 +195,8 @@ def _forward_blocks(
         tokens = (doc_start + cols).to(tl.int64)
         col_ok = cols < seq_len
         # k as [D, BLOCK_N] (transposed by its pointers), v as [BLOCK_N, D].
-        k_t = tl.load(K_ptr + tokens[None, :] * k_token_stride + dims[:, None],
-                      mask=dim_ok[:, None] & col_ok[None, :], other=0.0)  # fmt: skip
+        k_t_ptrs = K_ptr + tokens[None, :] * k_token_stride + dims[:, None]
+        k_t = tl.load(k_t_ptrs, mask=dim_ok[:, None] & col_ok[None, :], other=0.0)
         qk = dot_acc(q, k_t, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), DOT_IN_FP32, DOT_IEEE)
         s, _ = _scores_log2(qk, qk_scale, softcap_log2, HAS_SOFTCAP)
         if MASKED:
@@ -184,8 +208,8 @@ def _forward_blocks(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V_ptr + tokens[:, None] * v_token_stride + dims[None, :],
-                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0)  # fmt: skip
+        v_ptrs = V_ptr + tokens[:, None] * v_token_stride + dims[None, :]
+        v = tl.load(v_ptrs, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
         p_lowp = cast_rounded(p, v.dtype, FIX_BF16_ROUNDING)
         acc = dot_acc(p_lowp, v, acc * alpha[:, None], DOT_IN_FP32, DOT_IEEE)
         m_i = m_new
@@ -194,19 +218,44 @@ def _forward_blocks(
 
 @triton.jit
 def _attention_forward_kernel(
-    Q_ptr, K_ptr, V_ptr, OUT_ptr, LSE_ptr, CU_SEQLENS_ptr, BLOCK_DOC_ptr, BLOCK_CUM_ptr,
-    q_token_stride, q_head_stride, k_token_stride, k_head_stride, v_token_stride, v_head_stride,
-    out_token_stride, out_head_stride, lse_head_stride,
-    n_q_heads, group_size, window, qk_scale, softcap_log2, HEAD_DIM: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr, DOT_IEEE: tl.constexpr, FIX_BF16_ROUNDING: tl.constexpr,
-):  # fmt: skip
+    Q_ptr,
+    K_ptr,
+    V_ptr,
+    OUT_ptr,
+    LSE_ptr,
+    CU_SEQLENS_ptr,
+    BLOCK_DOC_ptr,
+    BLOCK_CUM_ptr,
+    q_token_stride,
+    q_head_stride,
+    k_token_stride,
+    k_head_stride,
+    v_token_stride,
+    v_head_stride,
+    out_token_stride,
+    out_head_stride,
+    lse_head_stride,
+    n_q_heads,
+    group_size,
+    window,
+    qk_scale,
+    softcap_log2,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    DOT_IEEE: tl.constexpr,
+    FIX_BF16_ROUNDING: tl.constexpr,
+):
     """One program: BLOCK_M queries of one document, one q head. Writes out and lse (natural log)."""
     pid = tl.program_id(0)
     head = pid % n_q_heads
     block = pid // n_q_heads
-    doc_start, seq_len, local = _locate_block(BLOCK_DOC_ptr, BLOCK_CUM_ptr, CU_SEQLENS_ptr, block, CAUSAL)
+    doc_start, seq_len, local = _locate_block(BLOCK_DOC_ptr, BLOCK_CUM_ptr, CU_SEQLENS_ptr, block, REVERSED=CAUSAL)
     m0 = local * BLOCK_M
     rows = m0 + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
@@ -218,29 +267,92 @@ def _attention_forward_kernel(
     K_ptr += kv_head * k_head_stride
     V_ptr += kv_head * v_head_stride
 
-    q = tl.load(Q_ptr + q_tokens[:, None] * q_token_stride + head64 * q_head_stride + dims[None, :],
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)  # fmt: skip
+    q_ptrs = Q_ptr + q_tokens[:, None] * q_token_stride + head64 * q_head_stride + dims[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
 
     lo, a, b, hi = _key_ranges(m0, seq_len, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
-    common = (K_ptr, V_ptr, k_token_stride, v_token_stride, rows, dims, doc_start, seq_len, window,
-              qk_scale, softcap_log2)  # fmt: skip
-    acc, m_i, l_i = _forward_blocks(acc, m_i, l_i, q, *common, lo, a, HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                                    BLOCK_M, BLOCK_N, DOT_IN_FP32, DOT_IEEE, FIX_BF16_ROUNDING)  # fmt: skip
-    acc, m_i, l_i = _forward_blocks(acc, m_i, l_i, q, *common, a, b, HEAD_DIM, False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                                    BLOCK_M, BLOCK_N, DOT_IN_FP32, DOT_IEEE, FIX_BF16_ROUNDING)  # fmt: skip
-    acc, m_i, l_i = _forward_blocks(acc, m_i, l_i, q, *common, b, hi, HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                                    BLOCK_M, BLOCK_N, DOT_IN_FP32, DOT_IEEE, FIX_BF16_ROUNDING)  # fmt: skip
+    # The arguments after (acc, m_i, l_i, q) that are the same for all three ranges, in parameter order.
+    common = (
+        K_ptr,
+        V_ptr,
+        k_token_stride,
+        v_token_stride,
+        rows,
+        dims,
+        doc_start,
+        seq_len,
+        window,
+        qk_scale,
+        softcap_log2,
+    )
+    acc, m_i, l_i = _forward_blocks(
+        acc,
+        m_i,
+        l_i,
+        q,
+        *common,
+        start=lo,
+        end=a,
+        MASKED=True,
+        HEAD_DIM=HEAD_DIM,
+        CAUSAL=CAUSAL,
+        HAS_WINDOW=HAS_WINDOW,
+        HAS_SOFTCAP=HAS_SOFTCAP,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        DOT_IN_FP32=DOT_IN_FP32,
+        DOT_IEEE=DOT_IEEE,
+        FIX_BF16_ROUNDING=FIX_BF16_ROUNDING,
+    )
+    acc, m_i, l_i = _forward_blocks(
+        acc,
+        m_i,
+        l_i,
+        q,
+        *common,
+        start=a,
+        end=b,
+        MASKED=False,
+        HEAD_DIM=HEAD_DIM,
+        CAUSAL=CAUSAL,
+        HAS_WINDOW=HAS_WINDOW,
+        HAS_SOFTCAP=HAS_SOFTCAP,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        DOT_IN_FP32=DOT_IN_FP32,
+        DOT_IEEE=DOT_IEEE,
+        FIX_BF16_ROUNDING=FIX_BF16_ROUNDING,
+    )
+    acc, m_i, l_i = _forward_blocks(
+        acc,
+        m_i,
+        l_i,
+        q,
+        *common,
+        start=b,
+        end=hi,
+        MASKED=True,
+        HEAD_DIM=HEAD_DIM,
+        CAUSAL=CAUSAL,
+        HAS_WINDOW=HAS_WINDOW,
+        HAS_SOFTCAP=HAS_SOFTCAP,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        DOT_IN_FP32=DOT_IN_FP32,
+        DOT_IEEE=DOT_IEEE,
+        FIX_BF16_ROUNDING=FIX_BF16_ROUNDING,
+    )
 
     # Every query of the document sees at least itself, so l_i > 0 on stored rows; the guard only keeps
     # rows past the document (never stored) finite.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     out_ptrs = OUT_ptr + q_tokens[:, None] * out_token_stride + head64 * out_head_stride + dims[None, :]
-    tl.store(out_ptrs, cast_rounded(out, OUT_ptr.dtype.element_ty, FIX_BF16_ROUNDING),
-             mask=row_ok[:, None] & dim_ok[None, :])  # fmt: skip
+    out = cast_rounded(out, OUT_ptr.dtype.element_ty, FIX_BF16_ROUNDING)
+    tl.store(out_ptrs, out, mask=row_ok[:, None] & dim_ok[None, :])
     lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453  # log2 units -> natural log
     tl.store(LSE_ptr + head64 * lse_head_stride + q_tokens, lse, mask=row_ok)
 
@@ -252,31 +364,64 @@ def _attention_forward_kernel(
 
 @triton.jit
 def _attention_delta_kernel(
-    OUT_ptr, DOUT_ptr, DELTA_ptr, n_tokens,
-    out_token_stride, out_head_stride, dout_token_stride, dout_head_stride, delta_head_stride,
-    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    OUT_ptr,
+    DOUT_ptr,
+    DELTA_ptr,
+    n_tokens,
+    out_token_stride,
+    out_head_stride,
+    dout_token_stride,
+    dout_head_stride,
+    delta_head_stride,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """delta[h, t] = sum_d dO[t, h, d] * O[t, h, d] in fp32 (the softmax backward's row term)."""
     head = tl.program_id(1).to(tl.int64)
     tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     dims = tl.arange(0, BLOCK_D)
     mask = (tokens < n_tokens)[:, None] & (dims < HEAD_DIM)[None, :]
-    out = tl.load(OUT_ptr + tokens[:, None] * out_token_stride + head * out_head_stride + dims[None, :],
-                  mask=mask, other=0.0)  # fmt: skip
-    dout = tl.load(DOUT_ptr + tokens[:, None] * dout_token_stride + head * dout_head_stride + dims[None, :],
-                   mask=mask, other=0.0)  # fmt: skip
+    out_ptrs = OUT_ptr + tokens[:, None] * out_token_stride + head * out_head_stride + dims[None, :]
+    dout_ptrs = DOUT_ptr + tokens[:, None] * dout_token_stride + head * dout_head_stride + dims[None, :]
+    out = tl.load(out_ptrs, mask=mask, other=0.0)
+    dout = tl.load(dout_ptrs, mask=mask, other=0.0)
     delta = tl.sum(out.to(tl.float32) * dout.to(tl.float32), 1)
     tl.store(DELTA_ptr + head * delta_head_stride + tokens, delta, mask=tokens < n_tokens)
 
 
 @triton.jit
 def _grad_kv_blocks(
-    dk, dv, k, v, Q_ptr, DOUT_ptr, LSE_ptr, DELTA_ptr, q_token_stride, dout_token_stride,
-    cols, dims, doc_start, seq_len, window, qk_scale, softcap_log2, start, end, HEAD_DIM: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_IN_FP32: tl.constexpr, DOT_IEEE: tl.constexpr,
+    dk,
+    dv,
+    k,
+    v,
+    Q_ptr,
+    DOUT_ptr,
+    LSE_ptr,
+    DELTA_ptr,
+    q_token_stride,
+    dout_token_stride,
+    cols,
+    dims,
+    doc_start,
+    seq_len,
+    window,
+    qk_scale,
+    softcap_log2,
+    start,
+    end,
+    HEAD_DIM: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    DOT_IEEE: tl.constexpr,
     FIX_BF16_ROUNDING: tl.constexpr,
-):  # fmt: skip
+):
     """Accumulate dV += P^T dO and dK += dS^T Q (dS without the final `scale`) over query blocks
     start, start + BLOCK_M, ... < end of one q head. Works on transposed [keys, queries] tiles."""
     dim_ok = dims < HEAD_DIM
@@ -284,8 +429,8 @@ def _grad_kv_blocks(
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < seq_len
         tokens = (doc_start + rows).to(tl.int64)
-        q_t = tl.load(Q_ptr + tokens[None, :] * q_token_stride + dims[:, None],
-                      mask=dim_ok[:, None] & row_ok[None, :], other=0.0)  # fmt: skip
+        q_t_ptrs = Q_ptr + tokens[None, :] * q_token_stride + dims[:, None]
+        q_t = tl.load(q_t_ptrs, mask=dim_ok[:, None] & row_ok[None, :], other=0.0)
         # Rows past the document load q = dO = 0, so they add nothing to dK / dV; lse = +inf makes their
         # probabilities exactly 0 as well, so no product of them can turn into inf or NaN.
         lse2 = tl.load(LSE_ptr + tokens, mask=row_ok, other=float("inf")) * 1.4426950408889634
@@ -295,8 +440,8 @@ def _grad_kv_blocks(
             allowed_t = _allowed(rows[None, :], cols[:, None], seq_len, window, CAUSAL, HAS_WINDOW)
             s_t = tl.where(allowed_t, s_t, float("-inf"))
         p_t = tl.math.exp2(s_t - lse2[None, :])
-        dout = tl.load(DOUT_ptr + tokens[:, None] * dout_token_stride + dims[None, :],
-                       mask=row_ok[:, None] & dim_ok[None, :], other=0.0)  # fmt: skip
+        dout_ptrs = DOUT_ptr + tokens[:, None] * dout_token_stride + dims[None, :]
+        dout = tl.load(dout_ptrs, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
         dv = dot_acc(cast_rounded(p_t, dout.dtype, FIX_BF16_ROUNDING), dout, dv, DOT_IN_FP32, DOT_IEEE)
         dp_t = dot_acc(v, tl.trans(dout), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), DOT_IN_FP32, DOT_IEEE)
         delta = tl.load(DELTA_ptr + tokens, mask=row_ok, other=0.0)
@@ -309,23 +454,54 @@ def _grad_kv_blocks(
 
 @triton.jit
 def _attention_grad_kv_kernel(
-    Q_ptr, K_ptr, V_ptr, DOUT_ptr, LSE_ptr, DELTA_ptr, DK_ptr, DV_ptr,
-    CU_SEQLENS_ptr, BLOCK_DOC_ptr, BLOCK_CUM_ptr,
-    q_token_stride, q_head_stride, k_token_stride, k_head_stride, v_token_stride, v_head_stride,
-    dout_token_stride, dout_head_stride, dk_token_stride, dk_head_stride, dv_token_stride, dv_head_stride,
+    Q_ptr,
+    K_ptr,
+    V_ptr,
+    DOUT_ptr,
+    LSE_ptr,
+    DELTA_ptr,
+    DK_ptr,
+    DV_ptr,
+    CU_SEQLENS_ptr,
+    BLOCK_DOC_ptr,
+    BLOCK_CUM_ptr,
+    q_token_stride,
+    q_head_stride,
+    k_token_stride,
+    k_head_stride,
+    v_token_stride,
+    v_head_stride,
+    dout_token_stride,
+    dout_head_stride,
+    dk_token_stride,
+    dk_head_stride,
+    dv_token_stride,
+    dv_head_stride,
     lse_head_stride,
-    n_kv_heads, group_size, window, qk_scale, softcap_log2, grad_scale, HEAD_DIM: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr, DOT_IEEE: tl.constexpr, FIX_BF16_ROUNDING: tl.constexpr,
-):  # fmt: skip
+    n_kv_heads,
+    group_size,
+    window,
+    qk_scale,
+    softcap_log2,
+    grad_scale,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    DOT_IEEE: tl.constexpr,
+    FIX_BF16_ROUNDING: tl.constexpr,
+):
     """One program: BLOCK_N keys of one document, one kv head; dK and dV summed over the kv head's
     `group_size` q heads in registers (deterministic GQA reduction), written once."""
     pid = tl.program_id(0)
     kv_head = pid % n_kv_heads
     block = pid // n_kv_heads
     # Natural order: under a causal mask a document's first key block is seen by the most queries.
-    doc_start, seq_len, local = _locate_block(BLOCK_DOC_ptr, BLOCK_CUM_ptr, CU_SEQLENS_ptr, block, False)
+    doc_start, seq_len, local = _locate_block(BLOCK_DOC_ptr, BLOCK_CUM_ptr, CU_SEQLENS_ptr, block, REVERSED=False)
     n0 = local * BLOCK_N
     cols = n0 + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
@@ -334,10 +510,10 @@ def _attention_grad_kv_kernel(
     k_tokens = (doc_start + cols).to(tl.int64)
     kv_head64 = kv_head.to(tl.int64)
     tile_mask = col_ok[:, None] & dim_ok[None, :]
-    k = tl.load(K_ptr + k_tokens[:, None] * k_token_stride + kv_head64 * k_head_stride + dims[None, :],
-                mask=tile_mask, other=0.0)  # fmt: skip
-    v = tl.load(V_ptr + k_tokens[:, None] * v_token_stride + kv_head64 * v_head_stride + dims[None, :],
-                mask=tile_mask, other=0.0)  # fmt: skip
+    k_ptrs = K_ptr + k_tokens[:, None] * k_token_stride + kv_head64 * k_head_stride + dims[None, :]
+    v_ptrs = V_ptr + k_tokens[:, None] * v_token_stride + kv_head64 * v_head_stride + dims[None, :]
+    k = tl.load(k_ptrs, mask=tile_mask, other=0.0)
+    v = tl.load(v_ptrs, mask=tile_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
@@ -348,14 +524,79 @@ def _attention_grad_kv_kernel(
         dout_head_ptr = DOUT_ptr + head * dout_head_stride
         lse_head_ptr = LSE_ptr + head * lse_head_stride
         delta_head_ptr = DELTA_ptr + head * lse_head_stride
-        common = (q_head_ptr, dout_head_ptr, lse_head_ptr, delta_head_ptr, q_token_stride, dout_token_stride,
-                  cols, dims, doc_start, seq_len, window, qk_scale, softcap_log2)  # fmt: skip
-        dk, dv = _grad_kv_blocks(dk, dv, k, v, *common, lo, a, HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                                 BLOCK_M, BLOCK_N, DOT_IN_FP32, DOT_IEEE, FIX_BF16_ROUNDING)  # fmt: skip
-        dk, dv = _grad_kv_blocks(dk, dv, k, v, *common, a, b, HEAD_DIM, False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                                 BLOCK_M, BLOCK_N, DOT_IN_FP32, DOT_IEEE, FIX_BF16_ROUNDING)  # fmt: skip
-        dk, dv = _grad_kv_blocks(dk, dv, k, v, *common, b, hi, HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                                 BLOCK_M, BLOCK_N, DOT_IN_FP32, DOT_IEEE, FIX_BF16_ROUNDING)  # fmt: skip
+        # The arguments after (dk, dv, k, v) that are the same for all three ranges, in parameter order.
+        common = (
+            q_head_ptr,
+            dout_head_ptr,
+            lse_head_ptr,
+            delta_head_ptr,
+            q_token_stride,
+            dout_token_stride,
+            cols,
+            dims,
+            doc_start,
+            seq_len,
+            window,
+            qk_scale,
+            softcap_log2,
+        )
+        dk, dv = _grad_kv_blocks(
+            dk,
+            dv,
+            k,
+            v,
+            *common,
+            start=lo,
+            end=a,
+            MASKED=True,
+            HEAD_DIM=HEAD_DIM,
+            CAUSAL=CAUSAL,
+            HAS_WINDOW=HAS_WINDOW,
+            HAS_SOFTCAP=HAS_SOFTCAP,
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
+            DOT_IN_FP32=DOT_IN_FP32,
+            DOT_IEEE=DOT_IEEE,
+            FIX_BF16_ROUNDING=FIX_BF16_ROUNDING,
+        )
+        dk, dv = _grad_kv_blocks(
+            dk,
+            dv,
+            k,
+            v,
+            *common,
+            start=a,
+            end=b,
+            MASKED=False,
+            HEAD_DIM=HEAD_DIM,
+            CAUSAL=CAUSAL,
+            HAS_WINDOW=HAS_WINDOW,
+            HAS_SOFTCAP=HAS_SOFTCAP,
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
+            DOT_IN_FP32=DOT_IN_FP32,
+            DOT_IEEE=DOT_IEEE,
+            FIX_BF16_ROUNDING=FIX_BF16_ROUNDING,
+        )
+        dk, dv = _grad_kv_blocks(
+            dk,
+            dv,
+            k,
+            v,
+            *common,
+            start=b,
+            end=hi,
+            MASKED=True,
+            HEAD_DIM=HEAD_DIM,
+            CAUSAL=CAUSAL,
+            HAS_WINDOW=HAS_WINDOW,
+            HAS_SOFTCAP=HAS_SOFTCAP,
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
+            DOT_IN_FP32=DOT_IN_FP32,
+            DOT_IEEE=DOT_IEEE,
+            FIX_BF16_ROUNDING=FIX_BF16_ROUNDING,
+        )
 
     dk_ptrs = DK_ptr + k_tokens[:, None] * dk_token_stride + kv_head64 * dk_head_stride + dims[None, :]
     dv_ptrs = DV_ptr + k_tokens[:, None] * dv_token_stride + kv_head64 * dv_head_stride + dims[None, :]
@@ -365,12 +606,35 @@ def _attention_grad_kv_kernel(
 
 @triton.jit
 def _grad_q_blocks(
-    dq, q, dout, lse2, delta, K_ptr, V_ptr, k_token_stride, v_token_stride,
-    rows, dims, doc_start, seq_len, window, qk_scale, softcap_log2, start, end, HEAD_DIM: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_IN_FP32: tl.constexpr, DOT_IEEE: tl.constexpr,
+    dq,
+    q,
+    dout,
+    lse2,
+    delta,
+    K_ptr,
+    V_ptr,
+    k_token_stride,
+    v_token_stride,
+    rows,
+    dims,
+    doc_start,
+    seq_len,
+    window,
+    qk_scale,
+    softcap_log2,
+    start,
+    end,
+    HEAD_DIM: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    DOT_IEEE: tl.constexpr,
     FIX_BF16_ROUNDING: tl.constexpr,
-):  # fmt: skip
+):
     """Accumulate dQ += dS K (without the final `scale`) over key blocks start, start + BLOCK_N, ... < end."""
     dim_ok = dims < HEAD_DIM
     for n0 in range(start, end, BLOCK_N):
@@ -395,19 +659,49 @@ def _grad_q_blocks(
 
 @triton.jit
 def _attention_grad_q_kernel(
-    Q_ptr, K_ptr, V_ptr, DOUT_ptr, LSE_ptr, DELTA_ptr, DQ_ptr, CU_SEQLENS_ptr, BLOCK_DOC_ptr, BLOCK_CUM_ptr,
-    q_token_stride, q_head_stride, k_token_stride, k_head_stride, v_token_stride, v_head_stride,
-    dout_token_stride, dout_head_stride, dq_token_stride, dq_head_stride, lse_head_stride,
-    n_q_heads, group_size, window, qk_scale, softcap_log2, HEAD_DIM: tl.constexpr, grad_scale,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr, DOT_IEEE: tl.constexpr, FIX_BF16_ROUNDING: tl.constexpr,
-):  # fmt: skip
+    Q_ptr,
+    K_ptr,
+    V_ptr,
+    DOUT_ptr,
+    LSE_ptr,
+    DELTA_ptr,
+    DQ_ptr,
+    CU_SEQLENS_ptr,
+    BLOCK_DOC_ptr,
+    BLOCK_CUM_ptr,
+    q_token_stride,
+    q_head_stride,
+    k_token_stride,
+    k_head_stride,
+    v_token_stride,
+    v_head_stride,
+    dout_token_stride,
+    dout_head_stride,
+    dq_token_stride,
+    dq_head_stride,
+    lse_head_stride,
+    n_q_heads,
+    group_size,
+    window,
+    qk_scale,
+    softcap_log2,
+    HEAD_DIM: tl.constexpr,
+    grad_scale,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    DOT_IEEE: tl.constexpr,
+    FIX_BF16_ROUNDING: tl.constexpr,
+):
     """One program: dQ of BLOCK_M queries of one document, one q head (same key ranges as the forward)."""
     pid = tl.program_id(0)
     head = pid % n_q_heads
     block = pid // n_q_heads
-    doc_start, seq_len, local = _locate_block(BLOCK_DOC_ptr, BLOCK_CUM_ptr, CU_SEQLENS_ptr, block, CAUSAL)
+    doc_start, seq_len, local = _locate_block(BLOCK_DOC_ptr, BLOCK_CUM_ptr, CU_SEQLENS_ptr, block, REVERSED=CAUSAL)
     m0 = local * BLOCK_M
     rows = m0 + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
@@ -416,23 +710,89 @@ def _attention_grad_q_kernel(
     q_tokens = (doc_start + rows).to(tl.int64)
     head64 = head.to(tl.int64)
     kv_head = (head // group_size).to(tl.int64)
-    q = tl.load(Q_ptr + q_tokens[:, None] * q_token_stride + head64 * q_head_stride + dims[None, :],
-                mask=tile_mask, other=0.0)  # fmt: skip
-    dout = tl.load(DOUT_ptr + q_tokens[:, None] * dout_token_stride + head64 * dout_head_stride + dims[None, :],
-                   mask=tile_mask, other=0.0)  # fmt: skip
+    q_ptrs = Q_ptr + q_tokens[:, None] * q_token_stride + head64 * q_head_stride + dims[None, :]
+    dout_ptrs = DOUT_ptr + q_tokens[:, None] * dout_token_stride + head64 * dout_head_stride + dims[None, :]
+    q = tl.load(q_ptrs, mask=tile_mask, other=0.0)
+    dout = tl.load(dout_ptrs, mask=tile_mask, other=0.0)
     lse2 = tl.load(LSE_ptr + head64 * lse_head_stride + q_tokens, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA_ptr + head64 * lse_head_stride + q_tokens, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     lo, a, b, hi = _key_ranges(m0, seq_len, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
-    common = (K_ptr + kv_head * k_head_stride, V_ptr + kv_head * v_head_stride, k_token_stride, v_token_stride,
-              rows, dims, doc_start, seq_len, window, qk_scale, softcap_log2)  # fmt: skip
-    dq = _grad_q_blocks(dq, q, dout, lse2, delta, *common, lo, a, HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                        BLOCK_M, BLOCK_N, DOT_IN_FP32, DOT_IEEE, FIX_BF16_ROUNDING)  # fmt: skip
-    dq = _grad_q_blocks(dq, q, dout, lse2, delta, *common, a, b, HEAD_DIM, False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                        BLOCK_M, BLOCK_N, DOT_IN_FP32, DOT_IEEE, FIX_BF16_ROUNDING)  # fmt: skip
-    dq = _grad_q_blocks(dq, q, dout, lse2, delta, *common, b, hi, HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                        BLOCK_M, BLOCK_N, DOT_IN_FP32, DOT_IEEE, FIX_BF16_ROUNDING)  # fmt: skip
+    # The arguments after (dq, q, dout, lse2, delta) that are the same for all three ranges, in parameter order.
+    common = (
+        K_ptr + kv_head * k_head_stride,
+        V_ptr + kv_head * v_head_stride,
+        k_token_stride,
+        v_token_stride,
+        rows,
+        dims,
+        doc_start,
+        seq_len,
+        window,
+        qk_scale,
+        softcap_log2,
+    )
+    dq = _grad_q_blocks(
+        dq,
+        q,
+        dout,
+        lse2,
+        delta,
+        *common,
+        start=lo,
+        end=a,
+        MASKED=True,
+        HEAD_DIM=HEAD_DIM,
+        CAUSAL=CAUSAL,
+        HAS_WINDOW=HAS_WINDOW,
+        HAS_SOFTCAP=HAS_SOFTCAP,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        DOT_IN_FP32=DOT_IN_FP32,
+        DOT_IEEE=DOT_IEEE,
+        FIX_BF16_ROUNDING=FIX_BF16_ROUNDING,
+    )
+    dq = _grad_q_blocks(
+        dq,
+        q,
+        dout,
+        lse2,
+        delta,
+        *common,
+        start=a,
+        end=b,
+        MASKED=False,
+        HEAD_DIM=HEAD_DIM,
+        CAUSAL=CAUSAL,
+        HAS_WINDOW=HAS_WINDOW,
+        HAS_SOFTCAP=HAS_SOFTCAP,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        DOT_IN_FP32=DOT_IN_FP32,
+        DOT_IEEE=DOT_IEEE,
+        FIX_BF16_ROUNDING=FIX_BF16_ROUNDING,
+    )
+    dq = _grad_q_blocks(
+        dq,
+        q,
+        dout,
+        lse2,
+        delta,
+        *common,
+        start=b,
+        end=hi,
+        MASKED=True,
+        HEAD_DIM=HEAD_DIM,
+        CAUSAL=CAUSAL,
+        HAS_WINDOW=HAS_WINDOW,
+        HAS_SOFTCAP=HAS_SOFTCAP,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        DOT_IN_FP32=DOT_IN_FP32,
+        DOT_IEEE=DOT_IEEE,
+        FIX_BF16_ROUNDING=FIX_BF16_ROUNDING,
+    )
     dq_ptrs = DQ_ptr + q_tokens[:, None] * dq_token_stride + head64 * dq_head_stride + dims[None, :]
     tl.store(dq_ptrs, cast_rounded(dq * grad_scale, DQ_ptr.dtype.element_ty, FIX_BF16_ROUNDING), mask=tile_mask)
 
@@ -486,7 +846,7 @@ def padded_head_dim(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def launch_config(head_dim: int, pass_name: str, max_seqlen: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+def launch_config(head_dim: int, pass_name: str, *, max_seqlen: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     """{BLOCK_M, BLOCK_N, num_warps, num_stages} of one pass ("fwd", "grad_kv", "grad_q") for q/k/v of
     `dtype` (fp32 tiles need twice the shared memory of fp16 / bf16 ones)."""
     override = os.environ.get("FASTSFT_ATTENTION_BLOCKS")
@@ -508,7 +868,7 @@ def launch_config(head_dim: int, pass_name: str, max_seqlen: int, dtype: torch.d
     return config
 
 
-def block_table(cu_seqlens: torch.Tensor, n_tokens: int, block: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def block_table(cu_seqlens: torch.Tensor, n_tokens: int, *, block: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Map program blocks to documents, on the device, without a host sync.
 
     Returns (block_doc int32 [G], block_cum int32 [B+1], G): document b owns blocks
@@ -518,16 +878,18 @@ def block_table(cu_seqlens: torch.Tensor, n_tokens: int, block: int) -> tuple[to
     """
     n_docs = cu_seqlens.shape[0] - 1
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    blocks_per_doc = torch.div(lengths + (block - 1), block, rounding_mode="floor")
     block_cum = torch.zeros(n_docs + 1, dtype=torch.int32, device=cu_seqlens.device)
-    torch.cumsum(torch.div(lengths + (block - 1), block, rounding_mode="floor"), 0, dtype=torch.int32,
-                 out=block_cum[1:])  # fmt: skip
+    torch.cumsum(blocks_per_doc, 0, dtype=torch.int32, out=block_cum[1:])
     n_programs = min(triton.cdiv(n_tokens, block) + n_docs, n_tokens)
     program_blocks = torch.arange(n_programs, dtype=torch.int32, device=cu_seqlens.device)
     block_doc = torch.searchsorted(block_cum[1:], program_blocks, right=True, out_int32=True)
     return block_doc.clamp_(max=n_docs - 1), block_cum, n_programs
 
 
-def _masks(causal: bool, window: int | None, softcap: float | None, scale: float, n_tokens: int) -> tuple[dict, dict]:
+def _masks(
+    *, causal: bool, window: int | None, softcap: float | None, scale: float, n_tokens: int
+) -> tuple[dict, dict]:
     """(scalar arguments, constexpr flags) shared by the forward and backward kernels."""
     # A window >= T sees as much as no window. Clamping it keeps the kernels' position sums (n0 + window,
     # ...) inside int32: "no limit" spelled as 2**31 - 1 or sys.maxsize would wrap and skip every block.
@@ -540,28 +902,50 @@ def _masks(causal: bool, window: int | None, softcap: float | None, scale: float
     return scalars, flags
 
 
-def attention_forward(q, k, v, cu_seqlens, max_seqlen, *, causal, scale, window, softcap, out, lse) -> None:
+def attention_forward(q, k, v, cu_seqlens, *, max_seqlen, causal, scale, window, softcap, out, lse) -> None:
     """Fill out [T, Hq, D] (q's dtype) and lse [Hq, T] (fp32, natural log). q/k/v/out have unit stride
     along D; cu_seqlens is a valid, contiguous int32 [B+1] prefix (the caller validates it)."""
     n_tokens, n_q_heads, head_dim = q.shape
     if n_tokens == 0:
         return
-    config = launch_config(head_dim, "fwd", max_seqlen, q.dtype)
+    config = launch_config(head_dim, "fwd", max_seqlen=max_seqlen, dtype=q.dtype)
     block_m = config.pop("BLOCK_M")
-    block_doc, block_cum, n_blocks = block_table(cu_seqlens, n_tokens, block_m)
-    scalars, flags = _masks(causal, window, softcap, scale, n_tokens)
+    block_doc, block_cum, n_blocks = block_table(cu_seqlens, n_tokens, block=block_m)
+    # scalars: window, qk_scale, softcap_log2; flags: CAUSAL, HAS_WINDOW, HAS_SOFTCAP (named as the kernel's).
+    scalars, flags = _masks(causal=causal, window=window, softcap=softcap, scale=scale, n_tokens=n_tokens)
     _attention_forward_kernel[(n_blocks * n_q_heads,)](
-        q, k, v, out, lse, cu_seqlens, block_doc, block_cum,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), lse.stride(0),
-        n_q_heads, n_q_heads // k.shape[1], **scalars, **flags, HEAD_DIM=head_dim,
-        BLOCK_M=block_m, BLOCK_D=padded_head_dim(head_dim), **dot_config(q.dtype),
-        FIX_BF16_ROUNDING=interpreting(), **config,
-    )  # fmt: skip
+        Q_ptr=q,
+        K_ptr=k,
+        V_ptr=v,
+        OUT_ptr=out,
+        LSE_ptr=lse,
+        CU_SEQLENS_ptr=cu_seqlens,
+        BLOCK_DOC_ptr=block_doc,
+        BLOCK_CUM_ptr=block_cum,
+        q_token_stride=q.stride(0),
+        q_head_stride=q.stride(1),
+        k_token_stride=k.stride(0),
+        k_head_stride=k.stride(1),
+        v_token_stride=v.stride(0),
+        v_head_stride=v.stride(1),
+        out_token_stride=out.stride(0),
+        out_head_stride=out.stride(1),
+        lse_head_stride=lse.stride(0),
+        n_q_heads=n_q_heads,
+        group_size=n_q_heads // k.shape[1],
+        HEAD_DIM=head_dim,
+        BLOCK_M=block_m,
+        BLOCK_D=padded_head_dim(head_dim),
+        FIX_BF16_ROUNDING=interpreting(),
+        **scalars,
+        **flags,
+        **dot_config(q.dtype),
+        **config,  # BLOCK_N, num_warps, num_stages
+    )
 
 
 def attention_backward(
-    grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, *, causal, scale, window, softcap, dq, dk, dv
+    grad_out, q, k, v, out, lse, cu_seqlens, *, max_seqlen, causal, scale, window, softcap, dq, dk, dv
 ) -> None:
     """Fill dq [T, Hq, D], dk/dv [T, Hk, D] from grad_out and the forward's out and lse."""
     n_tokens, n_q_heads, head_dim = q.shape
@@ -572,29 +956,92 @@ def attention_backward(
     delta = torch.empty_like(lse)
     delta_block = 64 if not interpreting() else 16
     _attention_delta_kernel[(triton.cdiv(n_tokens, delta_block), n_q_heads)](
-        out, grad_out, delta, n_tokens,
-        out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1), delta.stride(0),
-        HEAD_DIM=head_dim, BLOCK_T=delta_block, BLOCK_D=block_d,
-    )  # fmt: skip
-    scalars, flags = _masks(causal, window, softcap, scale, n_tokens)
-    common = dict(**scalars, **flags, grad_scale=scale, HEAD_DIM=head_dim, BLOCK_D=block_d, **dot_config(q.dtype),
-                  FIX_BF16_ROUNDING=interpreting())  # fmt: skip
+        OUT_ptr=out,
+        DOUT_ptr=grad_out,
+        DELTA_ptr=delta,
+        n_tokens=n_tokens,
+        out_token_stride=out.stride(0),
+        out_head_stride=out.stride(1),
+        dout_token_stride=grad_out.stride(0),
+        dout_head_stride=grad_out.stride(1),
+        delta_head_stride=delta.stride(0),
+        HEAD_DIM=head_dim,
+        BLOCK_T=delta_block,
+        BLOCK_D=block_d,
+    )
+    scalars, flags = _masks(causal=causal, window=window, softcap=softcap, scale=scale, n_tokens=n_tokens)
+    # Arguments of both gradient kernels that do not depend on the pass (names are the kernels' parameters).
+    common = dict(
+        grad_scale=scale,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        FIX_BF16_ROUNDING=interpreting(),
+        **scalars,
+        **flags,
+        **dot_config(q.dtype),
+    )
+    # Both kernels index delta with lse's head stride (lse_head_stride), so the two must share a layout.
     assert lse.stride() == delta.stride()
 
-    config = launch_config(head_dim, "grad_kv", max_seqlen, q.dtype)
-    block_doc, block_cum, n_blocks = block_table(cu_seqlens, n_tokens, config["BLOCK_N"])
+    config = launch_config(head_dim, "grad_kv", max_seqlen=max_seqlen, dtype=q.dtype)
+    block_doc, block_cum, n_blocks = block_table(cu_seqlens, n_tokens, block=config["BLOCK_N"])
     _attention_grad_kv_kernel[(n_blocks * n_kv_heads,)](
-        q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, block_doc, block_cum,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        grad_out.stride(0), grad_out.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        lse.stride(0), n_kv_heads, n_q_heads // n_kv_heads, **common, **config,
-    )  # fmt: skip
+        Q_ptr=q,
+        K_ptr=k,
+        V_ptr=v,
+        DOUT_ptr=grad_out,
+        LSE_ptr=lse,
+        DELTA_ptr=delta,
+        DK_ptr=dk,
+        DV_ptr=dv,
+        CU_SEQLENS_ptr=cu_seqlens,
+        BLOCK_DOC_ptr=block_doc,
+        BLOCK_CUM_ptr=block_cum,
+        q_token_stride=q.stride(0),
+        q_head_stride=q.stride(1),
+        k_token_stride=k.stride(0),
+        k_head_stride=k.stride(1),
+        v_token_stride=v.stride(0),
+        v_head_stride=v.stride(1),
+        dout_token_stride=grad_out.stride(0),
+        dout_head_stride=grad_out.stride(1),
+        dk_token_stride=dk.stride(0),
+        dk_head_stride=dk.stride(1),
+        dv_token_stride=dv.stride(0),
+        dv_head_stride=dv.stride(1),
+        lse_head_stride=lse.stride(0),
+        n_kv_heads=n_kv_heads,
+        group_size=n_q_heads // n_kv_heads,
+        **common,
+        **config,  # BLOCK_M, BLOCK_N, num_warps, num_stages
+    )
 
-    config = launch_config(head_dim, "grad_q", max_seqlen, q.dtype)
-    block_doc, block_cum, n_blocks = block_table(cu_seqlens, n_tokens, config["BLOCK_M"])
+    config = launch_config(head_dim, "grad_q", max_seqlen=max_seqlen, dtype=q.dtype)
+    block_doc, block_cum, n_blocks = block_table(cu_seqlens, n_tokens, block=config["BLOCK_M"])
     _attention_grad_q_kernel[(n_blocks * n_q_heads,)](
-        q, k, v, grad_out, lse, delta, dq, cu_seqlens, block_doc, block_cum,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        grad_out.stride(0), grad_out.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
-        n_q_heads, n_q_heads // n_kv_heads, **common, **config,
-    )  # fmt: skip
+        Q_ptr=q,
+        K_ptr=k,
+        V_ptr=v,
+        DOUT_ptr=grad_out,
+        LSE_ptr=lse,
+        DELTA_ptr=delta,
+        DQ_ptr=dq,
+        CU_SEQLENS_ptr=cu_seqlens,
+        BLOCK_DOC_ptr=block_doc,
+        BLOCK_CUM_ptr=block_cum,
+        q_token_stride=q.stride(0),
+        q_head_stride=q.stride(1),
+        k_token_stride=k.stride(0),
+        k_head_stride=k.stride(1),
+        v_token_stride=v.stride(0),
+        v_head_stride=v.stride(1),
+        dout_token_stride=grad_out.stride(0),
+        dout_head_stride=grad_out.stride(1),
+        dq_token_stride=dq.stride(0),
+        dq_head_stride=dq.stride(1),
+        lse_head_stride=lse.stride(0),
+        n_q_heads=n_q_heads,
+        group_size=n_q_heads // n_kv_heads,
+        **common,
+        **config,  # BLOCK_M, BLOCK_N, num_warps, num_stages
+    )

@@ -242,7 +242,7 @@ def _configs(n_rows: int, n_vocab: int, hidden_size: int) -> dict:
     }
 
 
-def chunk_rows_for(n_rows: int, n_vocab: int, workspace_bytes: int, block_m: int) -> int:
+def chunk_rows_for(n_rows: int, n_vocab: int, *, workspace_bytes: int, block_m: int) -> int:
     """Rows per chunk: as many as fit the fp32 [rows, V] workspace budget, a multiple of the row block,
     at least one row block and at most all rows (rounded up to the block)."""
     fit = (workspace_bytes // (4 * n_vocab)) // block_m * block_m
@@ -293,19 +293,31 @@ def linear_cross_entropy(
         return row_losses, grad_hidden, grad_weight, grad_bias
 
     block_m = config["logits"]["BLOCK_M"]
-    chunk_rows = chunk_rows_for(n_rows, n_vocab, workspace_bytes, block_m)
+    chunk_rows = chunk_rows_for(n_rows, n_vocab, workspace_bytes=workspace_bytes, block_m=block_m)
     workspace = torch.empty((min(chunk_rows, n_rows), n_vocab), device=device, dtype=torch.float32)
     cdiv = triton.cdiv
     for chunk_start in range(0, n_rows, chunk_rows):
         rows_here = min(chunk_rows, n_rows - chunk_start)
         cfg = config["logits"]
         _logits_kernel[(cdiv(rows_here, cfg["BLOCK_M"]) * cdiv(n_vocab, cfg["BLOCK_V"]),)](
-            hidden, hidden.stride(0), weight, weight.stride(0),
-            bias if bias is not None else weight,
-            row_ids, num_rows, workspace, workspace.stride(0),
-            chunk_start, rows_here, n_vocab, hidden_size,
-            HAS_BIAS=bias is not None, **cfg, **dots, **launch,
-        )  # fmt: skip
+            HIDDEN_ptr=hidden,
+            hidden_row_stride=hidden.stride(0),
+            WEIGHT_ptr=weight,
+            weight_row_stride=weight.stride(0),
+            BIAS_ptr=bias if bias is not None else weight,
+            ROW_IDS_ptr=row_ids,
+            NUM_ROWS_ptr=num_rows,
+            OUT_ptr=workspace,
+            out_row_stride=workspace.stride(0),
+            chunk_start=chunk_start,
+            chunk_rows=rows_here,
+            n_vocab=n_vocab,
+            hidden_size=hidden_size,
+            HAS_BIAS=bias is not None,
+            **cfg,
+            **dots,
+            **launch,
+        )
         cross_entropy_rows(
             workspace[:rows_here],
             labels,
@@ -323,21 +335,44 @@ def linear_cross_entropy(
         if need_grad_hidden:
             cfg = config["grad_hidden"]
             _grad_hidden_kernel[(cdiv(rows_here, cfg["BLOCK_M"]) * cdiv(hidden_size, cfg["BLOCK_H"]),)](
-                workspace, workspace.stride(0), weight, weight.stride(0),
-                row_ids, num_rows, grad_hidden, grad_hidden.stride(0),
-                chunk_start, rows_here, n_vocab, hidden_size, **cfg, **dots, **launch,
+                DLOGITS_ptr=workspace,
+                dlogits_row_stride=workspace.stride(0),
+                WEIGHT_ptr=weight,
+                weight_row_stride=weight.stride(0),
+                ROW_IDS_ptr=row_ids,
+                NUM_ROWS_ptr=num_rows,
+                GRAD_HIDDEN_ptr=grad_hidden,
+                grad_hidden_row_stride=grad_hidden.stride(0),
+                chunk_start=chunk_start,
+                chunk_rows=rows_here,
+                n_vocab=n_vocab,
+                hidden_size=hidden_size,
                 FIX_BF16_ROUNDING=interpreting(),
-            )  # fmt: skip
+                **cfg,
+                **dots,
+                **launch,
+            )
         if need_grad_weight or need_grad_bias:
             cfg = config["grad_weight"]
             n_h_blocks = cdiv(hidden_size, cfg["BLOCK_H"]) if need_grad_weight else 1
             _grad_weight_kernel[(cdiv(n_vocab, cfg["BLOCK_V"]) * n_h_blocks,)](
-                workspace, workspace.stride(0), hidden, hidden.stride(0),
-                row_ids, num_rows,
-                grad_weight if need_grad_weight else workspace,
-                grad_bias if need_grad_bias else workspace,
-                chunk_start, rows_here, n_vocab, hidden_size,
-                COMPUTE_WEIGHT=need_grad_weight, COMPUTE_BIAS=need_grad_bias, **cfg, **dots, **launch,
+                DLOGITS_ptr=workspace,
+                dlogits_row_stride=workspace.stride(0),
+                HIDDEN_ptr=hidden,
+                hidden_row_stride=hidden.stride(0),
+                ROW_IDS_ptr=row_ids,
+                NUM_ROWS_ptr=num_rows,
+                GRAD_WEIGHT_ptr=grad_weight if need_grad_weight else workspace,
+                GRAD_BIAS_ptr=grad_bias if need_grad_bias else workspace,
+                chunk_start=chunk_start,
+                chunk_rows=rows_here,
+                n_vocab=n_vocab,
+                hidden_size=hidden_size,
+                COMPUTE_WEIGHT=need_grad_weight,
+                COMPUTE_BIAS=need_grad_bias,
                 FIX_BF16_ROUNDING=interpreting(),
-            )  # fmt: skip
+                **cfg,
+                **dots,
+                **launch,
+            )
     return row_losses, grad_hidden, grad_weight, grad_bias

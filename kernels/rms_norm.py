@@ -68,8 +68,8 @@ def _rms_norm_forward_kernel(
         rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
         w = tl.load(W_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32) + offset
         y = x * rstd[:, None] * w[None, :]
-        tl.store(Y_ptr + rows[:, None] * y_row_stride + cols[None, :],
-                 cast_rounded(y, Y_ptr.dtype.element_ty, FIX_BF16_ROUNDING), mask=mask)  # fmt: skip
+        y_ptrs = Y_ptr + rows[:, None] * y_row_stride + cols[None, :]
+        tl.store(y_ptrs, cast_rounded(y, Y_ptr.dtype.element_ty, FIX_BF16_ROUNDING), mask=mask)
     else:
         # Wide rows: pass 1 accumulates the sum of squares chunk by chunk (writing s when fused), pass 2
         # re-reads the row (mostly from L2: it was just read) and writes y.
@@ -79,8 +79,8 @@ def _rms_norm_forward_kernel(
             mask = row_mask[:, None] & (cols < n_cols)[None, :]
             x = tl.load(X_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0)
             if HAS_RESIDUAL:
-                r = tl.load(RESIDUAL_ptr + rows[:, None] * residual_row_stride + cols[None, :], mask=mask,
-                            other=0.0)  # fmt: skip
+                r_ptrs = RESIDUAL_ptr + rows[:, None] * residual_row_stride + cols[None, :]
+                r = tl.load(r_ptrs, mask=mask, other=0.0)
                 x = cast_rounded(x.to(tl.float32) + r.to(tl.float32), x_dtype, FIX_BF16_ROUNDING)
                 tl.store(SUM_ptr + rows[:, None] * sum_row_stride + cols[None, :], x, mask=mask)
             x = x.to(tl.float32)
@@ -93,13 +93,13 @@ def _rms_norm_forward_kernel(
             if HAS_RESIDUAL:
                 # Recomputed rather than read back from SUM_ptr: no ordering between this program's own
                 # stores and loads is needed.
-                r = tl.load(RESIDUAL_ptr + rows[:, None] * residual_row_stride + cols[None, :], mask=mask,
-                            other=0.0)  # fmt: skip
+                r_ptrs = RESIDUAL_ptr + rows[:, None] * residual_row_stride + cols[None, :]
+                r = tl.load(r_ptrs, mask=mask, other=0.0)
                 x = cast_rounded(x.to(tl.float32) + r.to(tl.float32), x_dtype, FIX_BF16_ROUNDING)
             w = tl.load(W_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32) + offset
             y = x.to(tl.float32) * rstd[:, None] * w[None, :]
-            tl.store(Y_ptr + rows[:, None] * y_row_stride + cols[None, :],
-                     cast_rounded(y, Y_ptr.dtype.element_ty, FIX_BF16_ROUNDING), mask=mask)  # fmt: skip
+            y_ptrs = Y_ptr + rows[:, None] * y_row_stride + cols[None, :]
+            tl.store(y_ptrs, cast_rounded(y, Y_ptr.dtype.element_ty, FIX_BF16_ROUNDING), mask=mask)
     tl.store(RSTD_ptr + rows, rstd, mask=row_mask)
 
 
@@ -143,8 +143,8 @@ def _rms_norm_backward_kernel(
             rows = tl.arange(0, BLOCK_ROWS).to(tl.int64) + row_block * BLOCK_ROWS
             row_mask = rows < n_rows
             mask = row_mask[:, None] & col_mask[None, :]
-            dy = tl.load(GRAD_Y_ptr + rows[:, None] * grad_y_row_stride + cols[None, :], mask=mask,
-                         other=0.0).to(tl.float32)  # fmt: skip
+            dy_ptrs = GRAD_Y_ptr + rows[:, None] * grad_y_row_stride + cols[None, :]
+            dy = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
             x = tl.load(X_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             rstd = tl.load(RSTD_ptr + rows, mask=row_mask, other=0.0)
             x_hat = x * rstd[:, None]
@@ -152,10 +152,10 @@ def _rms_norm_backward_kernel(
             mean_g_xhat = tl.sum(g * x_hat, axis=1) / n_cols
             dx = rstd[:, None] * (g - x_hat * mean_g_xhat[:, None])
             if HAS_GRAD_SUM:
-                dx += tl.load(GRAD_SUM_ptr + rows[:, None] * grad_sum_row_stride + cols[None, :], mask=mask,
-                              other=0.0).to(tl.float32)  # fmt: skip
-            tl.store(GRAD_X_ptr + rows[:, None] * grad_x_row_stride + cols[None, :],
-                     cast_rounded(dx, grad_x_dtype, FIX_BF16_ROUNDING), mask=mask)  # fmt: skip
+                grad_sum_ptrs = GRAD_SUM_ptr + rows[:, None] * grad_sum_row_stride + cols[None, :]
+                dx += tl.load(grad_sum_ptrs, mask=mask, other=0.0).to(tl.float32)
+            dx_ptrs = GRAD_X_ptr + rows[:, None] * grad_x_row_stride + cols[None, :]
+            tl.store(dx_ptrs, cast_rounded(dx, grad_x_dtype, FIX_BF16_ROUNDING), mask=mask)
             if COMPUTE_GRAD_W:
                 grad_w += tl.sum(dy * x_hat, axis=0)
         if COMPUTE_GRAD_W:
@@ -179,10 +179,10 @@ def _rms_norm_backward_kernel(
                 cols = chunk * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
                 col_mask = cols < n_cols
                 mask = row_mask[:, None] & col_mask[None, :]
-                dy = tl.load(GRAD_Y_ptr + rows[:, None] * grad_y_row_stride + cols[None, :], mask=mask,
-                             other=0.0).to(tl.float32)  # fmt: skip
-                x = tl.load(X_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=mask,
-                            other=0.0).to(tl.float32)  # fmt: skip
+                dy_ptrs = GRAD_Y_ptr + rows[:, None] * grad_y_row_stride + cols[None, :]
+                dy = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
+                x_ptrs = X_ptr + rows[:, None] * x_row_stride + cols[None, :]
+                x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
                 w = tl.load(W_ptr + cols, mask=col_mask, other=0.0).to(tl.float32) + offset
                 sum_g_xhat += tl.sum(dy * w[None, :] * x * rstd[:, None], axis=1)
             mean_g_xhat = sum_g_xhat / n_cols
@@ -190,18 +190,18 @@ def _rms_norm_backward_kernel(
                 cols = chunk * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
                 col_mask = cols < n_cols
                 mask = row_mask[:, None] & col_mask[None, :]
-                dy = tl.load(GRAD_Y_ptr + rows[:, None] * grad_y_row_stride + cols[None, :], mask=mask,
-                             other=0.0).to(tl.float32)  # fmt: skip
-                x = tl.load(X_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=mask,
-                            other=0.0).to(tl.float32)  # fmt: skip
+                dy_ptrs = GRAD_Y_ptr + rows[:, None] * grad_y_row_stride + cols[None, :]
+                dy = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
+                x_ptrs = X_ptr + rows[:, None] * x_row_stride + cols[None, :]
+                x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
                 w = tl.load(W_ptr + cols, mask=col_mask, other=0.0).to(tl.float32) + offset
                 x_hat = x * rstd[:, None]
                 dx = rstd[:, None] * (dy * w[None, :] - x_hat * mean_g_xhat[:, None])
                 if HAS_GRAD_SUM:
-                    dx += tl.load(GRAD_SUM_ptr + rows[:, None] * grad_sum_row_stride + cols[None, :], mask=mask,
-                                  other=0.0).to(tl.float32)  # fmt: skip
-                tl.store(GRAD_X_ptr + rows[:, None] * grad_x_row_stride + cols[None, :],
-                         cast_rounded(dx, grad_x_dtype, FIX_BF16_ROUNDING), mask=mask)  # fmt: skip
+                    grad_sum_ptrs = GRAD_SUM_ptr + rows[:, None] * grad_sum_row_stride + cols[None, :]
+                    dx += tl.load(grad_sum_ptrs, mask=mask, other=0.0).to(tl.float32)
+                dx_ptrs = GRAD_X_ptr + rows[:, None] * grad_x_row_stride + cols[None, :]
+                tl.store(dx_ptrs, cast_rounded(dx, grad_x_dtype, FIX_BF16_ROUNDING), mask=mask)
                 if COMPUTE_GRAD_W:
                     partial = tl.load(partial_row + cols, mask=col_mask, other=0.0)
                     tl.store(partial_row + cols, partial + tl.sum(dy * x_hat, axis=0), mask=col_mask)
@@ -268,19 +268,28 @@ def rms_norm_forward(
     has_residual = residual is not None
     grid = (triton.cdiv(n_rows, layout["BLOCK_ROWS"]),)
     _rms_norm_forward_kernel[grid](
-        x, x.stride(0),
-        residual if has_residual else x, residual.stride(0) if has_residual else 0,
-        summed if has_residual else x, summed.stride(0) if has_residual else 0,
-        weight, y, y.stride(0), rstd,
-        n_rows, n_cols, float(eps), float(offset),
+        X_ptr=x,
+        x_row_stride=x.stride(0),
+        RESIDUAL_ptr=residual if has_residual else x,
+        residual_row_stride=residual.stride(0) if has_residual else 0,
+        SUM_ptr=summed if has_residual else x,
+        sum_row_stride=summed.stride(0) if has_residual else 0,
+        W_ptr=weight,
+        Y_ptr=y,
+        y_row_stride=y.stride(0),
+        RSTD_ptr=rstd,
+        n_rows=n_rows,
+        n_cols=n_cols,
+        eps=float(eps),
+        offset=float(offset),
         HAS_RESIDUAL=has_residual,
         FIX_BF16_ROUNDING=interpreting(),
         num_warps=num_warps,
         **layout,
-    )  # fmt: skip
+    )
 
 
-def backward_programs(n_rows: int, block_rows: int, device: torch.device) -> int:
+def backward_programs(n_rows: int, *, block_rows: int, device: torch.device) -> int:
     """Programs of the backward launch: a fixed function of the device and the row count, so the weight
     gradient's reduction order (and result) is the same on every run."""
     row_blocks = triton.cdiv(n_rows, block_rows)
@@ -312,23 +321,32 @@ def rms_norm_backward(
         return torch.zeros(n_cols, dtype=torch.float32, device=x.device) if compute_grad_weight else None
     layout = _layout(n_cols, backward=True)
     num_warps = layout.pop("num_warps")
-    n_programs = backward_programs(n_rows, layout["BLOCK_ROWS"], x.device)
-    partial = torch.empty((n_programs, n_cols) if compute_grad_weight else (1,), dtype=torch.float32,
-                          device=x.device)  # fmt: skip
+    n_programs = backward_programs(n_rows, block_rows=layout["BLOCK_ROWS"], device=x.device)
+    # One fp32 row per program when the weight gradient is wanted; else a 1-element stand-in the kernel never
+    # touches (COMPUTE_GRAD_W is off).
+    partial_shape = (n_programs, n_cols) if compute_grad_weight else (1,)
+    partial = torch.empty(partial_shape, dtype=torch.float32, device=x.device)
     has_grad_sum = grad_summed is not None
     _rms_norm_backward_kernel[(n_programs,)](
-        grad_y, grad_y.stride(0),
-        x, x.stride(0),
-        weight, rstd,
-        grad_summed if has_grad_sum else grad_y, grad_summed.stride(0) if has_grad_sum else 0,
-        grad_x, grad_x.stride(0),
-        partial,
-        n_rows, n_cols, float(offset),
+        GRAD_Y_ptr=grad_y,
+        grad_y_row_stride=grad_y.stride(0),
+        X_ptr=x,
+        x_row_stride=x.stride(0),
+        W_ptr=weight,
+        RSTD_ptr=rstd,
+        GRAD_SUM_ptr=grad_summed if has_grad_sum else grad_y,
+        grad_sum_row_stride=grad_summed.stride(0) if has_grad_sum else 0,
+        GRAD_X_ptr=grad_x,
+        grad_x_row_stride=grad_x.stride(0),
+        PARTIAL_GRAD_W_ptr=partial,
+        n_rows=n_rows,
+        n_cols=n_cols,
+        offset=float(offset),
         HAS_GRAD_SUM=has_grad_sum,
         COMPUTE_GRAD_W=compute_grad_weight,
         FIX_BF16_ROUNDING=interpreting(),
         num_warps=num_warps,
         **layout,
-    )  # fmt: skip
+    )
     # Fixed-order fp32 sum over the per-program partials: deterministic.
     return partial.sum(dim=0) if compute_grad_weight else None

@@ -74,8 +74,8 @@ def _rotate_heads(
             # Partial rotary: dims [2 * HALF_ROT, HEAD_DIM) pass through unchanged.
             pass_dims = 2 * HALF_ROT + tl.arange(0, BLOCK_PASS)
             pass_mask = (heads < n_heads)[:, None] & (pass_dims < HEAD_DIM)[None, :]
-            x_pass = tl.load(x_token + heads[:, None] * x_head_stride + pass_dims[None, :] * x_dim_stride,
-                             mask=pass_mask, other=0.0)  # fmt: skip
+            x_pass_offsets = heads[:, None] * x_head_stride + pass_dims[None, :] * x_dim_stride
+            x_pass = tl.load(x_token + x_pass_offsets, mask=pass_mask, other=0.0)
             tl.store(out_token + heads[:, None] * HEAD_DIM + pass_dims[None, :], x_pass.to(out_dtype), mask=pass_mask)
 
 
@@ -124,14 +124,48 @@ def _rope_kernel(
     cos2 = tl.load(cos_row + HALF_ROT * cos_dim_stride, mask=in_half, other=0.0).to(tl.float32)
     sin1 = tl.load(sin_row, mask=in_half, other=0.0).to(tl.float32)
     sin2 = tl.load(sin_row + HALF_ROT * sin_dim_stride, mask=in_half, other=0.0).to(tl.float32)
-    _rotate_heads(Q_ptr + batch * q_batch_stride, q_token_stride, q_head_stride, q_dim_stride, Q_OUT_ptr, token,
-                  out_token, n_q_heads,
-                  cos1, cos2, sin1, sin2, HEAD_DIM, HALF_ROT, BLOCK_HQ, BLOCK_HALF, BLOCK_PASS, INVERSE,
-                  FIX_BF16_ROUNDING)  # fmt: skip
-    _rotate_heads(K_ptr + batch * k_batch_stride, k_token_stride, k_head_stride, k_dim_stride, K_OUT_ptr, token,
-                  out_token, n_k_heads,
-                  cos1, cos2, sin1, sin2, HEAD_DIM, HALF_ROT, BLOCK_HK, BLOCK_HALF, BLOCK_PASS, INVERSE,
-                  FIX_BF16_ROUNDING)  # fmt: skip
+    _rotate_heads(
+        X_ptr=Q_ptr + batch * q_batch_stride,
+        x_token_stride=q_token_stride,
+        x_head_stride=q_head_stride,
+        x_dim_stride=q_dim_stride,
+        OUT_ptr=Q_OUT_ptr,
+        token=token,
+        out_token=out_token,
+        n_heads=n_q_heads,
+        cos1=cos1,
+        cos2=cos2,
+        sin1=sin1,
+        sin2=sin2,
+        HEAD_DIM=HEAD_DIM,
+        HALF_ROT=HALF_ROT,
+        BLOCK_H=BLOCK_HQ,
+        BLOCK_HALF=BLOCK_HALF,
+        BLOCK_PASS=BLOCK_PASS,
+        INVERSE=INVERSE,
+        FIX_BF16_ROUNDING=FIX_BF16_ROUNDING,
+    )
+    _rotate_heads(
+        X_ptr=K_ptr + batch * k_batch_stride,
+        x_token_stride=k_token_stride,
+        x_head_stride=k_head_stride,
+        x_dim_stride=k_dim_stride,
+        OUT_ptr=K_OUT_ptr,
+        token=token,
+        out_token=out_token,
+        n_heads=n_k_heads,
+        cos1=cos1,
+        cos2=cos2,
+        sin1=sin1,
+        sin2=sin2,
+        HEAD_DIM=HEAD_DIM,
+        HALF_ROT=HALF_ROT,
+        BLOCK_H=BLOCK_HK,
+        BLOCK_HALF=BLOCK_HALF,
+        BLOCK_PASS=BLOCK_PASS,
+        INVERSE=INVERSE,
+        FIX_BF16_ROUNDING=FIX_BF16_ROUNDING,
+    )
 
 
 # A [BLOCK_H, BLOCK_HALF] fp32 tile per operand: 2048 elements keeps four live tiles (x1, x2, y1, y2)
@@ -171,12 +205,29 @@ def rope(
     block_half = triton.next_power_of_2(half)
     pass_width = head_dim - rotary_dim
     _rope_kernel[(n_tokens, n_batch)](
-        q, *q.stride(),
-        k, *k.stride(),
-        q_out, k_out,
-        cos, *cos.stride(),
-        sin, *sin.stride(),
-        n_tokens, n_q_heads, n_k_heads,
+        Q_ptr=q,
+        q_batch_stride=q.stride(0),
+        q_token_stride=q.stride(1),
+        q_head_stride=q.stride(2),
+        q_dim_stride=q.stride(3),
+        K_ptr=k,
+        k_batch_stride=k.stride(0),
+        k_token_stride=k.stride(1),
+        k_head_stride=k.stride(2),
+        k_dim_stride=k.stride(3),
+        Q_OUT_ptr=q_out,
+        K_OUT_ptr=k_out,
+        COS_ptr=cos,
+        cos_batch_stride=cos.stride(0),
+        cos_token_stride=cos.stride(1),
+        cos_dim_stride=cos.stride(2),
+        SIN_ptr=sin,
+        sin_batch_stride=sin.stride(0),
+        sin_token_stride=sin.stride(1),
+        sin_dim_stride=sin.stride(2),
+        n_tokens=n_tokens,
+        n_q_heads=n_q_heads,
+        n_k_heads=n_k_heads,
         HEAD_DIM=head_dim,
         HALF_ROT=half,
         BLOCK_HQ=_block_heads(n_q_heads, block_half),
@@ -186,4 +237,4 @@ def rope(
         INVERSE=inverse,
         FIX_BF16_ROUNDING=interpreting(),
         num_warps=1 if interpreting() else 4,
-    )  # fmt: skip
+    )

@@ -97,24 +97,27 @@ def elementwise_cases(dtype: str):
         block_half = 1 << (half - 1).bit_length()
         pass_width = head_dim - rotary_dim
         constexprs = dict(
-            HEAD_DIM=head_dim, HALF_ROT=half, BLOCK_HALF=block_half,
-            BLOCK_HQ=rope._block_heads(32, block_half), BLOCK_HK=rope._block_heads(8, block_half),
-            BLOCK_PASS=(1 << (pass_width - 1).bit_length()) if pass_width else 0, INVERSE=head_dim == 80, **fix,
-        )  # fmt: skip
+            HEAD_DIM=head_dim,
+            HALF_ROT=half,
+            BLOCK_HALF=block_half,
+            BLOCK_HQ=rope._block_heads(32, block_half),  # 32 q heads, 8 kv heads: Llama-3-8B
+            BLOCK_HK=rope._block_heads(8, block_half),
+            BLOCK_PASS=(1 << (pass_width - 1).bit_length()) if pass_width else 0,
+            INVERSE=head_dim == 80,
+            **fix,
+        )
         yield rope._rope_kernel, {"COS_ptr": "fp32", "SIN_ptr": "fp32"}, constexprs, {"num_warps": 4}
     for width in (128, 4096, 20000):  # many rows per tile; one row per tile; chunked
         layout = rms._layout(width)
         num_warps = layout.pop("num_warps")
-        yield (
-            rms._rms_norm_forward_kernel, {"W_ptr": "fp32", "RSTD_ptr": "fp32"},
-            dict(layout, HAS_RESIDUAL=True, **fix), {"num_warps": num_warps},
-        )  # fmt: skip
+        pointers = {"W_ptr": "fp32", "RSTD_ptr": "fp32"}
+        constexprs = dict(layout, HAS_RESIDUAL=True, **fix)
+        yield rms._rms_norm_forward_kernel, pointers, constexprs, {"num_warps": num_warps}
         layout = rms._layout(width, backward=True)
         num_warps = layout.pop("num_warps")
-        yield (
-            rms._rms_norm_backward_kernel, {"W_ptr": "fp32", "RSTD_ptr": "fp32", "PARTIAL_GRAD_W_ptr": "fp32"},
-            dict(layout, HAS_GRAD_SUM=True, COMPUTE_GRAD_W=True, **fix), {"num_warps": num_warps},
-        )  # fmt: skip
+        pointers = {"W_ptr": "fp32", "RSTD_ptr": "fp32", "PARTIAL_GRAD_W_ptr": "fp32"}
+        constexprs = dict(layout, HAS_GRAD_SUM=True, COMPUTE_GRAD_W=True, **fix)
+        yield rms._rms_norm_backward_kernel, pointers, constexprs, {"num_warps": num_warps}
     config = act._block(14336)
     num_warps = config.pop("num_warps")
     for activation in act.ACTIVATIONS.values():
@@ -125,8 +128,15 @@ def elementwise_cases(dtype: str):
 # (dtype, head dim, mask options on) for varlen attention: compiles are slow (~5 s each), so every head-dim
 # class with every option on (the most code) in bf16, the plain causal path in bf16 and fp16, and fp32
 # (its own tiles and shared-memory budget; 256 has a class of its own).
-ATTENTION_CASES = (("bf16", 64, True), ("bf16", 128, True), ("bf16", 256, True), ("bf16", 128, False),
-                   ("fp16", 128, False), ("fp32", 128, True), ("fp32", 256, True))  # fmt: skip
+ATTENTION_CASES = (
+    ("bf16", 64, True),
+    ("bf16", 128, True),
+    ("bf16", 256, True),
+    ("bf16", 128, False),
+    ("fp16", 128, False),
+    ("fp32", 128, True),
+    ("fp32", 256, True),
+)
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
@@ -135,16 +145,25 @@ def attention_cases(dtype: str):
     import torch
 
     dots = {"DOT_IN_FP32": False, "DOT_IEEE": dtype == "fp32", "FIX_BF16_ROUNDING": False}
-    index = {"CU_SEQLENS_ptr": "i32", "BLOCK_DOC_ptr": "i32", "BLOCK_CUM_ptr": "i32", "LSE_ptr": "fp32",
-             "DELTA_ptr": "fp32"}  # fmt: skip
-    kernels = {"fwd": attn._attention_forward_kernel, "grad_kv": attn._attention_grad_kv_kernel,
-               "grad_q": attn._attention_grad_q_kernel}  # fmt: skip
+    index = {
+        "CU_SEQLENS_ptr": "i32",
+        "BLOCK_DOC_ptr": "i32",
+        "BLOCK_CUM_ptr": "i32",
+        "LSE_ptr": "fp32",
+        "DELTA_ptr": "fp32",
+    }
+    kernels = {
+        "fwd": attn._attention_forward_kernel,
+        "grad_kv": attn._attention_grad_kv_kernel,
+        "grad_q": attn._attention_grad_q_kernel,
+    }
     for case_dtype, head_dim, options in ATTENTION_CASES:
         if case_dtype != dtype:
             continue
         flags = dict(CAUSAL=True, HAS_WINDOW=options, HAS_SOFTCAP=options)
         for pass_name, kernel in kernels.items():
-            config = attn.launch_config(head_dim, pass_name, 8192, getattr(torch, TORCH_DTYPES[dtype]))
+            torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
+            config = attn.launch_config(head_dim, pass_name, max_seqlen=8192, dtype=torch_dtype)
             launch = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
             constexprs = dict(config, **flags, **dots, HEAD_DIM=head_dim, BLOCK_D=attn.padded_head_dim(head_dim))
             yield kernel, index, constexprs, launch
@@ -161,8 +180,8 @@ def main() -> int:
                 record = {"kernel": kernel.__name__, "arch": arch, "dtype": dtype, "constexprs": constexprs}
                 started = time.perf_counter()
                 try:
-                    src = ASTSource(kernel, signature(kernel, pointers, dtype), constexprs=constexprs,
-                                    attrs=alignment(kernel))  # fmt: skip
+                    sig = signature(kernel, pointers, dtype)
+                    src = ASTSource(kernel, sig, constexprs=constexprs, attrs=alignment(kernel))
                     compiled = compile(src, target=GPUTarget("cuda", arch, 32), options=options)
                     ptx = compiled.asm["ptx"]
                     record.update(ok=True, wgmma="wgmma" in ptx, mma_sync="mma.sync" in ptx, cp_async="cp.async" in ptx)

@@ -227,8 +227,16 @@ def test_opcheck(triton_backend):
 
 
 @triton.jit
-def _probe_ranges_kernel(OUT_ptr, seq_len, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, KEYS: tl.constexpr):  # fmt: skip
+def _probe_ranges_kernel(
+    OUT_ptr,
+    seq_len,
+    window,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    KEYS: tl.constexpr,
+):
     block = tl.program_id(0)
     if KEYS:
         lo, a, b, hi = kernels._key_ranges(block * BLOCK_M, seq_len, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
@@ -243,8 +251,16 @@ def _probe_ranges_kernel(OUT_ptr, seq_len, window, BLOCK_M: tl.constexpr, BLOCK_
 def _ranges(keys: bool, seq_len, window, block_m, block_n, causal):
     n_blocks = triton.cdiv(seq_len, block_m if keys else block_n)
     out = torch.full((n_blocks, 4), -1, dtype=torch.int32, device=DEVICE)
-    _probe_ranges_kernel[(n_blocks,)](out, seq_len, window or 0, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
-                                      HAS_WINDOW=window is not None, KEYS=keys)  # fmt: skip
+    _probe_ranges_kernel[(n_blocks,)](
+        OUT_ptr=out,
+        seq_len=seq_len,
+        window=window or 0,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        CAUSAL=causal,
+        HAS_WINDOW=window is not None,
+        KEYS=keys,
+    )
     return out.tolist()
 
 
@@ -361,8 +377,8 @@ def _check_documents_on_gpu(q, k, v, cu_seqlens, documents_to_check, grad, **opt
             o = reference.varlen_attention(*leaves, local, eager_softmax=eager, **options)
             results[name] = [o, *torch.autograd.grad(o, leaves, grad[start:end].to(dtype))]
         ours = [out[start:end], dq[start:end], dk[start:end], dv[start:end]]
-        for label, actual, torch_lowp, exact in zip(("out", "dq", "dk", "dv"), ours, results["torch"],
-                                                    results["exact"], strict=True):  # fmt: skip
+        compared = zip(("out", "dq", "dk", "dv"), ours, results["torch"], results["exact"], strict=True)
+        for label, actual, torch_lowp, exact in compared:
             assert_within_torch_error(f"document {doc} {label}", actual, torch_lowp, exact)
 
 
@@ -404,4 +420,4 @@ def test_gpu_value_checks_run_in_debug_mode(monkeypatch):
 def test_block_override_is_validated(monkeypatch, value):
     monkeypatch.setenv("FASTSFT_ATTENTION_BLOCKS", value)
     with pytest.raises(ValueError, match="FASTSFT_ATTENTION_BLOCKS"):
-        kernels.launch_config(128, "fwd", 1024)
+        kernels.launch_config(128, "fwd", max_seqlen=1024)

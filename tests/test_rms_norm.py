@@ -42,9 +42,10 @@ def test_rms_norm_matches_reference(triton_backend, dtype, shape, offset):
         f"rms_norm {shape} {dtype} offset={offset}",
         lambda x, w: rms_norm(x, w, 1e-6, offset=offset),
         lambda x, w: reference.rms_norm(x, w, 1e-6, offset=offset),
-        [x, w], dtype,
+        [x, w],
+        dtype,
         torch_lowp_op=lambda x, w: hf_rms_norm(x, w, 1e-6, offset),
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -57,9 +58,10 @@ def test_add_rms_norm_matches_reference(triton_backend, dtype, shape, offset):
         f"add_rms_norm {shape} {dtype} offset={offset}",
         lambda x, r, w: add_rms_norm(x, r, w, 1e-5, offset=offset),
         lambda x, r, w: reference.add_rms_norm(x, r, w, 1e-5, offset=offset),
-        [x, residual, w], dtype,
+        [x, residual, w],
+        dtype,
         torch_lowp_op=lambda x, r, w: hf_add_rms_norm(x, r, w, 1e-5, offset),
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -82,11 +84,23 @@ def test_wide_rows_take_the_chunked_path(triton_backend, monkeypatch, fused, dty
     x, residual = (torch.randn(5, width, dtype=dtype, device=DEVICE) for _ in range(2))
     w = _weight(width, dtype, 0.0)
     if fused:
-        assert_op_parity("chunked add_rms_norm", lambda x, r, w: add_rms_norm(x, r, w), reference.add_rms_norm,
-                         [x, residual, w], dtype, torch_lowp_op=hf_add_rms_norm)  # fmt: skip
+        assert_op_parity(
+            "chunked add_rms_norm",
+            lambda x, r, w: add_rms_norm(x, r, w),
+            reference.add_rms_norm,
+            [x, residual, w],
+            dtype,
+            torch_lowp_op=hf_add_rms_norm,
+        )
     else:
-        assert_op_parity("chunked rms_norm", lambda x, w: rms_norm(x, w), reference.rms_norm, [x, w], dtype,
-                         torch_lowp_op=hf_rms_norm)  # fmt: skip
+        assert_op_parity(
+            "chunked rms_norm",
+            lambda x, w: rms_norm(x, w),
+            reference.rms_norm,
+            [x, w],
+            dtype,
+            torch_lowp_op=hf_rms_norm,
+        )
 
 
 def test_mixed_precision_weight(triton_backend):
@@ -121,7 +135,7 @@ def test_weight_gradient_is_deterministic_across_programs(triton_backend):
 
     n_rows, width = 64, 24
     layout = kernel._layout(width)
-    assert kernel.backward_programs(n_rows, layout["BLOCK_ROWS"], torch.device(DEVICE)) > 1
+    assert kernel.backward_programs(n_rows, block_rows=layout["BLOCK_ROWS"], device=torch.device(DEVICE)) > 1
     x = torch.randn(n_rows, width, device=DEVICE, requires_grad=True)
     w = _weight(width, torch.float32, 0.0).requires_grad_(True)
     grad = torch.randn(n_rows, width, device=DEVICE)
@@ -220,5 +234,11 @@ def test_real_size_on_gpu(triton_backend, width):
     """Real widths up to 16k in one tile, and a wider one through the chunked path, in bf16."""
     x, residual = (torch.randn(1024, width, dtype=torch.bfloat16, device=DEVICE) for _ in range(2))
     w = _weight(width, torch.bfloat16, 0.0)
-    assert_op_parity(f"add_rms_norm H={width}", lambda x, r, w: add_rms_norm(x, r, w), reference.add_rms_norm,
-                     [x, residual, w], torch.bfloat16, torch_lowp_op=hf_add_rms_norm)  # fmt: skip
+    assert_op_parity(
+        f"add_rms_norm H={width}",
+        lambda x, r, w: add_rms_norm(x, r, w),
+        reference.add_rms_norm,
+        [x, residual, w],
+        torch.bfloat16,
+        torch_lowp_op=hf_add_rms_norm,
+    )

@@ -1,7 +1,7 @@
 """fastsft.ops: the public ops (autograd-aware torch custom ops) and their backend dispatch.
 
-This package is the only importer of fastsft.kernels (Triton) and fastsft._C (native); the backend
-for each call follows FASTSFT_BACKEND (see fastsft/ops/_backend.py).
+This package is the only importer of fastsft.kernels (Triton); the backend for each call follows
+FASTSFT_BACKEND (see fastsft/ops/_backend.py).
 """
 
 from .activations import geglu, swiglu

@@ -5,7 +5,7 @@ FASTSFT_BACKEND (read at each call, so tests and users can switch it at run time
   triton     The Triton kernels. On CPU tensors this needs TRITON_INTERPRET=1 set before Triton is
              first imported: the kernels then run in Triton's interpreter (how CI checks kernel parity).
   reference  The pure-PyTorch implementation in fastsft/ops/reference.py, on any device.
-(`cuda`, native CUDA C++ kernels from fastsft._C, is accepted once one exists; none does yet.)
+Any other value is an error (BackendError).
 FASTSFT_DEBUG=1 turns on checks that need a host synchronisation on CUDA tensors (label ranges).
 """
 
@@ -16,9 +16,8 @@ import os
 
 import torch
 
-# `cuda` (native CUDA C++ kernels from fastsft._C) joins once one exists: naming a backend that runs nothing
-# of its own would be a promise the code does not keep.
 BACKENDS = ("auto", "triton", "reference")
+
 
 class BackendError(ValueError):
     """FASTSFT_BACKEND names no backend."""

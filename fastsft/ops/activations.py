@@ -55,8 +55,14 @@ def _gated_backward_op(
     if grad_gate.numel() == 0:
         return grad_gate, grad_up
     width = gate.shape[-1]
-    gated_backward(_rows(grad_out), _rows(gate), _rows(up), grad_gate.view(-1, width), grad_up.view(-1, width),
-                   activation=activation)  # fmt: skip
+    gated_backward(
+        _rows(grad_out),
+        _rows(gate),
+        _rows(up),
+        grad_gate.view(-1, width),
+        grad_up.view(-1, width),
+        activation=activation,
+    )
     return grad_gate, grad_up
 
 
@@ -89,8 +95,9 @@ def _gated(op: str, gate: torch.Tensor, up: torch.Tensor, activation: str) -> to
     check_float(op, "gate", gate, gate.dim(), "[..., I]")
     check_float(op, "up", up, up.dim(), "[..., I]")
     if up.shape != gate.shape or up.dtype != gate.dtype or up.device != gate.device:
-        raise ValueError(f"{op}: gate and up must match in shape, dtype and device; "
-                         f"gate: {describe(gate)}; up: {describe(up)}")  # fmt: skip
+        raise ValueError(
+            f"{op}: gate and up must match in shape, dtype and device; gate: {describe(gate)}; up: {describe(up)}"
+        )
     return _gated_op(gate, up, activation)
 
 

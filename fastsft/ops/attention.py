@@ -47,9 +47,16 @@ def _attention_op(
     if select_backend(_OP, q) == "reference":
         work = reference.compute_dtype(q.dtype)
         out, lse = reference.varlen_attention(
-            q.to(work), k.to(work), v.to(work), cu_seqlens,
-            causal=causal, softmax_scale=scale, window=window, softcap=softcap, return_lse=True,
-        )  # fmt: skip
+            q.to(work),
+            k.to(work),
+            v.to(work),
+            cu_seqlens,
+            causal=causal,
+            softmax_scale=scale,
+            window=window,
+            softcap=softcap,
+            return_lse=True,
+        )
         return out.to(q.dtype).contiguous(), lse.contiguous()
     from fastsft.kernels.attention import attention_forward
 
@@ -57,8 +64,19 @@ def _attention_op(
     cu_seqlens = cu_seqlens.contiguous()  # the kernels index it as a dense array (a strided view reads garbage)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
-    attention_forward(q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale, window=window,
-                      softcap=softcap, out=out, lse=lse)  # fmt: skip
+    attention_forward(
+        q,
+        k,
+        v,
+        cu_seqlens,
+        max_seqlen=max_seqlen,
+        causal=causal,
+        scale=scale,
+        window=window,
+        softcap=softcap,
+        out=out,
+        lse=lse,
+    )
     return out, lse
 
 
@@ -96,8 +114,23 @@ def _attention_backward_op(
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    attention_backward(grad_out, q, k, v, out, lse.contiguous(), cu_seqlens, max_seqlen, causal=causal,
-                       scale=scale, window=window, softcap=softcap, dq=dq, dk=dk, dv=dv)  # fmt: skip
+    attention_backward(
+        grad_out,
+        q,
+        k,
+        v,
+        out,
+        lse.contiguous(),
+        cu_seqlens,
+        max_seqlen=max_seqlen,
+        causal=causal,
+        scale=scale,
+        window=window,
+        softcap=softcap,
+        dq=dq,
+        dk=dk,
+        dv=dv,
+    )
     return dq, dk, dv
 
 
@@ -160,26 +193,32 @@ def _check_cu_seqlens_values(cu_seqlens: torch.Tensor, n_tokens: int, max_seqlen
 def _check(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, window, softcap, implementation) -> int:
     """Validate every argument (clear errors naming the tensor, shape and dtype); returns max_seqlen."""
     if implementation not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(f"{_OP}: implementation must be one of {', '.join(map(repr, ATTENTION_IMPLEMENTATIONS))}, "
-                         f"got {implementation!r}")  # fmt: skip
+        choices = ", ".join(map(repr, ATTENTION_IMPLEMENTATIONS))
+        raise ValueError(f"{_OP}: implementation must be one of {choices}, got {implementation!r}")
     check_float(_OP, "q", q, 3, "[T, Hq, D]")
     check_float(_OP, "k", k, 3, "[T, Hk, D]")
     check_float(_OP, "v", v, 3, "[T, Hk, D]")
     n_tokens, n_q_heads, head_dim = q.shape
     if k.shape != v.shape or k.shape[0] != n_tokens or k.shape[2] != head_dim:
-        raise ValueError(f"{_OP}: k and v must both be [T, Hk, D] = [{n_tokens}, Hk, {head_dim}] like q; "
-                         f"q: {describe(q)}; k: {describe(k)}; v: {describe(v)}")  # fmt: skip
+        raise ValueError(
+            f"{_OP}: k and v must both be [T, Hk, D] = [{n_tokens}, Hk, {head_dim}] like q; "
+            f"q: {describe(q)}; k: {describe(k)}; v: {describe(v)}"
+        )
     if k.shape[1] == 0 or n_q_heads % k.shape[1]:
-        raise ValueError(f"{_OP}: the q heads (Hq = {n_q_heads}) must be a multiple of the k/v heads "
-                         f"(Hk = {k.shape[1]}) for grouped-query attention")  # fmt: skip
+        raise ValueError(
+            f"{_OP}: the q heads (Hq = {n_q_heads}) must be a multiple of the k/v heads "
+            f"(Hk = {k.shape[1]}) for grouped-query attention"
+        )
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype or t.device != q.device:
             raise TypeError(f"{_OP}: q, k and v must share dtype and device; q: {describe(q)}; {name}: {describe(t)}")
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"{_OP}: cu_seqlens must be an int32 tensor [B+1], got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
-        raise TypeError(f"{_OP}: cu_seqlens must be a 1-D int32 tensor [B+1] with B >= 1 (document b = rows "
-                        f"cu_seqlens[b]:cu_seqlens[b+1]), got {describe(cu_seqlens)}")  # fmt: skip
+        raise TypeError(
+            f"{_OP}: cu_seqlens must be a 1-D int32 tensor [B+1] with B >= 1 (document b = rows "
+            f"cu_seqlens[b]:cu_seqlens[b+1]), got {describe(cu_seqlens)}"
+        )
     if cu_seqlens.device != q.device:
         raise ValueError(f"{_OP}: cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
     if isinstance(max_seqlen, torch.Tensor):
@@ -192,8 +231,9 @@ def _check(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, window, softc
         raise ValueError(f"{_OP}: softmax_scale must be None (1/sqrt(D)) or a finite float > 0, got {softmax_scale}")
     if window is not None:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"{_OP}: window must be None or an int >= 1 (keys per query, itself included), "
-                             f"got {window!r}")  # fmt: skip
+            raise ValueError(
+                f"{_OP}: window must be None or an int >= 1 (keys per query, itself included), got {window!r}"
+            )
         if not causal:
             raise ValueError(f"{_OP}: window (left context) needs causal=True")
     if softcap is not None and not (math.isfinite(float(softcap)) and float(softcap) > 0):
@@ -286,8 +326,10 @@ def _external_attention(implementation, q, k, v, cu_seqlens, max_seqlen, causal,
         elif window is None and "is_causal" in params:  # torch 2.11's early signature
             kwargs["is_causal"] = causal
         else:
-            raise NotImplementedError(f"{where}: this torch's varlen_attn{inspect.signature(varlen_attn)} takes no "
-                                      f"window (window={window}); use 'fastsft'")  # fmt: skip
+            raise NotImplementedError(
+                f"{where}: this torch's varlen_attn{inspect.signature(varlen_attn)} takes no "
+                f"window (window={window}); use 'fastsft'"
+            )
         if k.shape[1] != q.shape[1]:
             if "enable_gqa" in params:
                 kwargs["enable_gqa"] = True
@@ -297,8 +339,19 @@ def _external_attention(implementation, q, k, v, cu_seqlens, max_seqlen, causal,
         return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
     hopper = q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
     flash = _flash_attn_varlen(prefer_hopper=hopper)
-    out = flash(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=causal,
-                window_size=window_size, softcap=0.0 if softcap is None else float(softcap))  # fmt: skip
+    out = flash(
+        q,
+        k,
+        v,
+        cu_seqlens,
+        cu_seqlens,
+        max_seqlen,
+        max_seqlen,
+        softmax_scale=scale,
+        causal=causal,
+        window_size=window_size,
+        softcap=0.0 if softcap is None else float(softcap),
+    )
     return out[0] if isinstance(out, tuple) else out  # some FlashAttention-3 builds also return the lse
 
 

@@ -81,17 +81,18 @@ def _mean_or_sum_scale(labels: torch.Tensor, ignore_index: int, reduction: str) 
 
 
 def _flce_losses_and_grads(
-    hidden, weight, labels, bias, row_scale, ignore_index, label_smoothing, z_loss, softcap, needs
+    hidden, weight, labels, bias, row_scale, *, ignore_index, label_smoothing, z_loss, softcap, needs
 ):
     """Backend dispatch. Returns (row_losses [N], grad_hidden, grad_weight, grad_bias), the gradients of
-    sum_r row_scale[r] * loss_r already in the inputs' dtypes (None where not needed)."""
+    sum_r row_scale[r] * loss_r already in the inputs' dtypes (None where not needed).
+    needs: (need_grad_hidden, need_grad_weight, need_grad_bias)."""
     need_grad_hidden, need_grad_weight, need_grad_bias = needs
     options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+    wanted = dict(need_grad_hidden=need_grad_hidden, need_grad_weight=need_grad_weight, need_grad_bias=need_grad_bias)
     if select_backend("fused_linear_cross_entropy", hidden) == "reference":
         row_losses, gh, gw, gb = reference.fused_linear_cross_entropy_with_grads(
-            hidden, weight, bias, labels, row_scale, **options,
-            need_grad_hidden=need_grad_hidden, need_grad_weight=need_grad_weight, need_grad_bias=need_grad_bias,
-        )  # fmt: skip
+            hidden, weight, bias, labels, row_scale, **options, **wanted
+        )
     else:
         from fastsft.kernels.linear_cross_entropy import linear_cross_entropy
 
@@ -106,10 +107,17 @@ def _flce_losses_and_grads(
             row_scale = torch.ones((), dtype=torch.float32, device=hidden.device)
         row_scale = row_scale.to(torch.float32).contiguous()
         row_losses, gh, gw, gb = linear_cross_entropy(
-            hidden, weight, bias, labels, row_ids, num_rows, row_scale, **options,
-            need_grad_hidden=need_grad_hidden, need_grad_weight=need_grad_weight, need_grad_bias=need_grad_bias,
+            hidden,
+            weight,
+            bias,
+            labels,
+            row_ids,
+            num_rows,
+            row_scale,
+            **options,
+            **wanted,
             workspace_bytes=_workspace_bytes(),
-        )  # fmt: skip
+        )
     # Gradients accumulated in fp32 (or fp64) are cast once, here.
     gh = gh.to(hidden.dtype) if gh is not None else None
     gw = gw.to(weight.dtype) if gw is not None else None
@@ -135,19 +143,17 @@ def _flce_op(
     """Returns (loss, grad_hidden, grad_weight, grad_bias); the gradients (of the loss, for a unit incoming
     gradient) are computed only where `_grads_in_forward` says and only where needed, else empty."""
     loss_dtype = reference.compute_dtype(hidden.dtype)
+    options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
     if not _grads_in_forward(reduction, hidden.dtype):
         row_losses, *_ = _flce_losses_and_grads(
-            hidden, weight, labels, bias, None, ignore_index, label_smoothing, z_loss, softcap,
-            (False, False, False),
-        )  # fmt: skip
+            hidden, weight, labels, bias, None, **options, needs=(False, False, False)
+        )
         if reduction != "none":
             row_losses = row_losses.sum() * _mean_or_sum_scale(labels, ignore_index, reduction)
         return row_losses.to(loss_dtype), _empty(hidden), _empty(weight), _empty(weight)
     scale = _mean_or_sum_scale(labels, ignore_index, reduction)
     needs = (need_grad_hidden, need_grad_weight, need_grad_bias and bias is not None)
-    row_losses, gh, gw, gb = _flce_losses_and_grads(
-        hidden, weight, labels, bias, scale, ignore_index, label_smoothing, z_loss, softcap, needs
-    )
+    row_losses, gh, gw, gb = _flce_losses_and_grads(hidden, weight, labels, bias, scale, **options, needs=needs)
     loss = (row_losses.sum() * scale).to(loss_dtype)
     return (
         loss,
@@ -158,8 +164,20 @@ def _flce_op(
 
 
 @_flce_op.register_fake
-def _flce_fake(hidden, weight, labels, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
-               need_grad_hidden, need_grad_weight, need_grad_bias):  # fmt: skip
+def _flce_fake(
+    hidden,
+    weight,
+    labels,
+    bias,
+    ignore_index,
+    reduction,
+    label_smoothing,
+    z_loss,
+    softcap,
+    need_grad_hidden,
+    need_grad_weight,
+    need_grad_bias,
+):
     loss_dtype = reference.compute_dtype(hidden.dtype)
     loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (), dtype=loss_dtype)
     with_grads = _grads_in_forward(reduction, hidden.dtype)
@@ -188,7 +206,16 @@ def _flce_backward_op(
     """Gradients of sum_r grad_rows[r] * loss_r (the backward of reduction="none")."""
     needs = (need_grad_hidden, need_grad_weight, need_grad_bias and bias is not None)
     _, gh, gw, gb = _flce_losses_and_grads(
-        hidden, weight, labels, bias, grad_rows, ignore_index, label_smoothing, z_loss, softcap, needs
+        hidden,
+        weight,
+        labels,
+        bias,
+        grad_rows,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        needs=needs,
     )
     return (
         gh if gh is not None else _empty(hidden),
@@ -198,8 +225,20 @@ def _flce_backward_op(
 
 
 @_flce_backward_op.register_fake
-def _flce_backward_fake(hidden, weight, labels, bias, grad_rows, ignore_index, label_smoothing, z_loss, softcap,
-                        need_grad_hidden, need_grad_weight, need_grad_bias):  # fmt: skip
+def _flce_backward_fake(
+    hidden,
+    weight,
+    labels,
+    bias,
+    grad_rows,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    need_grad_hidden,
+    need_grad_weight,
+    need_grad_bias,
+):
     gh = hidden.new_empty(hidden.shape) if need_grad_hidden else _empty(hidden)
     gw = weight.new_empty(weight.shape) if need_grad_weight else _empty(weight)
     gb = bias.new_empty(bias.shape) if need_grad_bias and bias is not None else _empty(weight)
@@ -207,8 +246,20 @@ def _flce_backward_fake(hidden, weight, labels, bias, grad_rows, ignore_index, l
 
 
 def _flce_setup_context(ctx, inputs, output):
-    (hidden, weight, labels, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
-     need_grad_hidden, need_grad_weight, need_grad_bias) = inputs  # fmt: skip
+    (
+        hidden,
+        weight,
+        labels,
+        bias,
+        ignore_index,
+        reduction,
+        label_smoothing,
+        z_loss,
+        softcap,
+        need_grad_hidden,
+        need_grad_weight,
+        need_grad_bias,
+    ) = inputs
     _, gh, gw, gb = output
     # The returned gradients are results, not functions of the inputs that autograd could differentiate:
     # marking them makes a double backward fail loudly instead of returning zeros.
@@ -235,16 +286,19 @@ def _flce_backward(ctx, grad_loss, *_grads_of_grad_outputs):
         if ctx.reduction != "none":
             grad_rows = grad_loss.float() * _mean_or_sum_scale(labels, ctx.options[0], ctx.reduction)
         gh, gw, gb = _flce_backward_op(
-            hidden, weight, labels, bias, grad_rows.contiguous(), *ctx.options,
-            need_grad_hidden, need_grad_weight, need_grad_bias,
-        )  # fmt: skip
-    return (
-        gh if need_grad_hidden else None,
-        gw if need_grad_weight else None,
-        None,
-        gb if need_grad_bias else None,
-        None, None, None, None, None, None, None, None,
-    )  # fmt: skip
+            hidden,
+            weight,
+            labels,
+            bias,
+            grad_rows.contiguous(),
+            *ctx.options,
+            need_grad_hidden,
+            need_grad_weight,
+            need_grad_bias,
+        )
+    # Gradients for (hidden, weight, labels, bias), then none for the eight non-tensor arguments.
+    grads = (gh if need_grad_hidden else None, gw if need_grad_weight else None, None, gb if need_grad_bias else None)
+    return (*grads, *[None] * 8)
 
 
 _flce_op.register_autograd(_flce_backward, setup_context=_flce_setup_context)
@@ -308,8 +362,10 @@ def fused_linear_cross_entropy(
     if bias is not None:
         check_float(op, "bias", bias, 1, "[V]")
         if bias.shape[0] != weight.shape[0] or bias.dtype != weight.dtype or bias.device != weight.device:
-            raise ValueError(f"{op}: bias must be [V] = [{weight.shape[0]}] like weight ({weight.dtype}, "
-                             f"{weight.device}), got {describe(bias)}")  # fmt: skip
+            raise ValueError(
+                f"{op}: bias must be [V] = [{weight.shape[0]}] like weight ({weight.dtype}, {weight.device}), "
+                f"got {describe(bias)}"
+            )
     check_labels(op, labels, hidden.shape[0], hidden.device)
     check_options(op, reduction, label_smoothing, z_loss, softcap)
     check_label_range(op, labels, weight.shape[0], ignore_index)
@@ -337,7 +393,7 @@ def fused_linear_cross_entropy(
 # --------------------------------------------------------------------------------------------------
 
 
-def _ce_rows(logits, labels, row_scale, ignore_index, label_smoothing, z_loss, softcap):
+def _ce_rows(logits, labels, row_scale, *, ignore_index, label_smoothing, z_loss, softcap):
     """Backend dispatch: (row_losses [N], dlogits [N, V] in logits' dtype or None when row_scale is None)."""
     options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
     if select_backend("cross_entropy", logits) == "reference":
@@ -366,7 +422,8 @@ def _ce_op(
     z_loss: float,
     softcap: float | None,
 ) -> torch.Tensor:
-    row_losses, _ = _ce_rows(logits, labels, None, ignore_index, label_smoothing, z_loss, softcap)
+    options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+    row_losses, _ = _ce_rows(logits, labels, None, **options)
     row_losses = row_losses.to(reference.compute_dtype(logits.dtype))
     if reduction == "none":
         return row_losses
@@ -390,7 +447,8 @@ def _ce_backward_op(
     softcap: float | None,
 ) -> torch.Tensor:
     """d (sum_r row_scale[r] * loss_r) / d logits, in logits' dtype; row_scale 0-dim or [N]."""
-    _, grad = _ce_rows(logits, labels, row_scale, ignore_index, label_smoothing, z_loss, softcap)
+    options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+    _, grad = _ce_rows(logits, labels, row_scale, **options)
     return grad
 
 

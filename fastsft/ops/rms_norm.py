@@ -26,16 +26,17 @@ def _forward(x, weight, residual, eps, offset):
     residual_rows = _rows(residual) if residual is not None else None
     if select_backend("rms_norm", x) == "reference":
         summed = x_rows + residual_rows if residual_rows is not None else None
-        y, rstd = reference.rms_norm_rows_forward(summed if summed is not None else x_rows, weight, eps=eps,
-                                                  offset=offset)  # fmt: skip
+        normed_input = summed if summed is not None else x_rows
+        y, rstd = reference.rms_norm_rows_forward(normed_input, weight, eps=eps, offset=offset)
         return y, summed, rstd.to(reference.compute_dtype(x.dtype))
     from fastsft.kernels.rms_norm import rms_norm_forward
 
     y = torch.empty(x_rows.shape, dtype=x.dtype, device=x.device)
     rstd = torch.empty(x_rows.shape[0], dtype=torch.float32, device=x.device)
     summed = torch.empty_like(y) if residual is not None else None
-    rms_norm_forward(x_rows, weight.contiguous(), y, rstd, eps=eps, offset=offset, residual=residual_rows,
-                     summed=summed)  # fmt: skip
+    rms_norm_forward(
+        x_rows, weight.contiguous(), y, rstd, eps=eps, offset=offset, residual=residual_rows, summed=summed
+    )
     return y, summed, rstd
 
 
@@ -47,17 +48,28 @@ def _backward(grad_y, normed_input, weight, rstd, grad_summed, offset, need_grad
     grad_summed_rows = _rows(grad_summed) if grad_summed is not None else None
     if select_backend("rms_norm", normed_input) == "reference":
         grad_x, grad_w = reference.rms_norm_rows_with_grads(
-            grad_y_rows, x_rows, weight, rstd, offset=offset, grad_summed=grad_summed_rows,
+            grad_y_rows,
+            x_rows,
+            weight,
+            rstd,
+            offset=offset,
+            grad_summed=grad_summed_rows,
             need_grad_weight=need_grad_weight,
-        )  # fmt: skip
+        )
     else:
         from fastsft.kernels.rms_norm import rms_norm_backward
 
         grad_x = torch.empty(x_rows.shape, dtype=normed_input.dtype, device=normed_input.device)
         grad_w = rms_norm_backward(
-            grad_y_rows, x_rows, weight.contiguous(), rstd.contiguous(), grad_x, offset=offset,
-            grad_summed=grad_summed_rows, compute_grad_weight=need_grad_weight,
-        )  # fmt: skip
+            grad_y_rows,
+            x_rows,
+            weight.contiguous(),
+            rstd.contiguous(),
+            grad_x,
+            offset=offset,
+            grad_summed=grad_summed_rows,
+            compute_grad_weight=need_grad_weight,
+        )
     grad_x = grad_x.to(normed_input.dtype).reshape(shape)
     grad_w = grad_w.to(weight.dtype) if grad_w is not None else weight.new_empty(0)
     return grad_x, grad_w
@@ -159,8 +171,8 @@ _add_rms_norm_op.register_autograd(_add_rms_norm_backward, setup_context=_add_rm
 
 def _check(op: str, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        raise ValueError(f"{op}: x must be a tensor [..., H], got "
-                         f"{describe(x) if isinstance(x, torch.Tensor) else type(x).__name__}")  # fmt: skip
+        got = describe(x) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{op}: x must be a tensor [..., H], got {got}")
     check_float(op, "x", x, x.dim(), "[..., H]")
     check_float(op, "weight", weight, 1, "[H]")
     if weight.shape[0] != x.shape[-1]:

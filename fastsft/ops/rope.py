@@ -67,8 +67,8 @@ def _check(op: str, q, k, cos, sin, batched: bool) -> None:
     check_float(op, "sin", sin, 3 if batched else 2, f"[{token_dims}, R]")
     tokens, head_dim = q.shape[:-2], q.shape[-1]
     if k.shape[:-2] != tokens or k.shape[-1] != head_dim:
-        raise ValueError(f"{op}: k must be [{token_dims}, Hk, D] = [{', '.join(map(str, tokens))}, Hk, {head_dim}] "
-                         f"like q, got {describe(k)}")  # fmt: skip
+        want = f"[{token_dims}, Hk, D] = [{', '.join(map(str, tokens))}, Hk, {head_dim}]"
+        raise ValueError(f"{op}: k must be {want} like q, got {describe(k)}")
     if k.dtype != q.dtype or k.device != q.device:
         raise TypeError(f"{op}: q and k must share dtype and device; q: {describe(q)}; k: {describe(k)}")
     if cos.shape != sin.shape:
@@ -84,8 +84,10 @@ def _check(op: str, q, k, cos, sin, batched: bool) -> None:
         if t.device != q.device:
             raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
         if t.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"{op}: {name} requires grad, but apply_rope treats cos/sin as constants; "
-                             "detach them (HF's rotary embedding computes them under no_grad)")  # fmt: skip
+            raise ValueError(
+                f"{op}: {name} requires grad, but apply_rope treats cos/sin as constants; "
+                "detach them (HF's rotary embedding computes them under no_grad)"
+            )
 
 
 def apply_rope(
