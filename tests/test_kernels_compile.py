@@ -1,5 +1,6 @@
 """Every Triton kernel compiles for Ampere and Hopper with its real GPU block sizes (no GPU needed)."""
 
+import ast
 import json
 import os
 import subprocess
@@ -66,3 +67,38 @@ def test_attention_kernels_use_tensor_cores_and_fit_shared_memory(compile_record
         if r["num_stages"] > 1:
             # Multi-stage configs must actually get their K/V (or q/dO) loads software-pipelined.
             assert r["cp_async"], f"{where}: num_stages={r['num_stages']} but no cp.async (loads not pipelined)"
+
+
+def _is_triton_jit(decorator: ast.expr) -> bool:
+    target = decorator.func if isinstance(decorator, ast.Call) else decorator
+    return isinstance(target, ast.Attribute) and target.attr == "jit"
+
+
+def test_every_kernel_launch_passes_its_arguments_by_keyword():
+    """`kernel[grid](a, b, ...)` would still compile with two same-typed arguments swapped; by keyword, each
+    value is tied to the parameter it is meant for. Launch options (num_warps, ...) and ** config dicts are
+    keywords too. Static: reads kernels/*.py, imports nothing."""
+    launch_options = {"num_warps", "num_stages", "num_ctas", "maxnreg"}
+    launched = set()
+    for path in sorted((Path(__file__).parents[1] / "kernels").glob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        params = {
+            node.name: {arg.arg for arg in node.args.args}
+            for node in ast.walk(tree)
+            if isinstance(node, ast.FunctionDef) and any(_is_triton_jit(d) for d in node.decorator_list)
+        }
+        for node in ast.walk(tree):
+            is_launch = (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Subscript)
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id in params
+            )
+            if not is_launch:
+                continue
+            name, where = node.func.value.id, f"{path.name}:{node.lineno}"
+            launched.add(name)
+            assert not node.args, f"{where}: {name} is launched with positional arguments"
+            unknown = {kw.arg for kw in node.keywords if kw.arg is not None} - params[name] - launch_options
+            assert not unknown, f"{where}: {name} has no parameter(s) {sorted(unknown)}"
+    assert launched == set(EXPECTED_KERNELS)
