@@ -67,24 +67,17 @@ from __future__ import annotations
 import argparse
 import inspect
 import math
-import os
 import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import _common
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-# A CPU smoke run executes fastsft's real Triton kernels in Triton's interpreter, which is chosen when
-# triton is first imported: so the environment is set here, before anything imports triton (fastsft's
-# kernels and triton.testing are imported lazily, inside the functions that use them).
-if "--smoke" in sys.argv and not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    os.environ.setdefault("FASTSFT_BACKEND", "triton")
+_common.use_interpreter_without_cuda("--smoke")  # before anything imports triton
 
 DIRECTIONS = ("fwd", "fwd+bwd")
 IMPLS = ("fastsft", "torch_varlen", "flex_attention", "sdpa_per_doc", "flash_attn", "flash_attn3")
@@ -104,15 +97,22 @@ BWD_OVER_FWD = 2.5  # FlashAttention's convention: the backward is 2.5 forwards 
 # DESIGN.md, "Performance targets", at the headline config below (ratios and rates measured on a GPU).
 HEADLINE = {"mix": "lognormal_128_8192", "tokens": 32768, "d": 128, "group": 4}
 TARGETS = {
-    "speedup_vs_torch_varlen": {"limit": 1.0, "rule": ">=", "direction": "fwd+bwd", "device": None,
-                                "what": "fastsft TFLOP/s / torch varlen_attn TFLOP/s"},
-    "moonshot_fwd_tflops": {"limit": 450.0, "rule": ">=", "direction": "fwd", "device": "H100",
-                            "what": "fastsft forward TFLOP/s (moonshot, FA3-class)"},
-}  # fmt: skip
-
-
-class Unavailable(Exception):
-    """The implementation cannot run here (not installed, skipped); recorded as "skipped: <why>"."""
+    "speedup_vs_torch_varlen": {
+        "limit": 1.0,
+        "rule": ">=",
+        "direction": "fwd+bwd",
+        "device": None,
+        "what": "fastsft TFLOP/s / torch varlen_attn TFLOP/s",
+    },
+    "moonshot_fwd_tflops": {
+        "limit": 450.0,
+        "rule": ">=",
+        "direction": "fwd",
+        "device": "H100",
+        "what": "fastsft forward TFLOP/s (moonshot, FA3-class)",
+    },
+}
+Unavailable = _common.Unavailable
 
 
 # --------------------------------------------------------------------------------------------------
@@ -178,19 +178,6 @@ def attention_flops(cfg: Config, sum_sq: int, direction: str) -> float:
 
 
 @dataclass
-class Settings:
-    device: torch.device
-    dtype: torch.dtype
-    smoke: bool
-    seed: int
-    warmup_ms: float
-    rep_ms: float
-    min_reps: int
-    skip: dict[str, str]  # implementation -> why it is not run
-    cpu_reps: int = 3
-
-
-@dataclass
 class Inputs:
     q: torch.Tensor  # [T, Hq, D], requires grad
     k: torch.Tensor  # [T, Hk, D], requires grad
@@ -201,7 +188,7 @@ class Inputs:
     lengths: list[int]
 
 
-def make_inputs(cfg: Config, lengths: list[int], settings: Settings) -> Inputs:
+def make_inputs(cfg: Config, lengths: list[int], settings: _common.Settings) -> Inputs:
     """q, k, v, grad_out ~ N(0, 1) in the run's dtype (never zeros: they can hide unwritten outputs and run
     faster), the same for every implementation of a config (same seed)."""
     device, dtype = settings.device, settings.dtype
@@ -230,7 +217,7 @@ class Runner:
     extra: dict = field(default_factory=dict)  # what the adapter keeps alive (block mask, ...)
 
 
-def _make_fastsft(cfg: Config, inputs: Inputs, settings: Settings) -> Runner:
+def _make_fastsft(cfg: Config, inputs: Inputs, settings: _common.Settings) -> Runner:
     from fastsft.ops import varlen_attention
     from fastsft.ops._backend import select_backend
 
@@ -241,7 +228,7 @@ def _make_fastsft(cfg: Config, inputs: Inputs, settings: Settings) -> Runner:
     )
 
 
-def _make_torch_varlen(cfg: Config, inputs: Inputs, settings: Settings) -> Runner:
+def _make_torch_varlen(cfg: Config, inputs: Inputs, settings: _common.Settings) -> Runner:
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError as exc:
@@ -267,10 +254,7 @@ def _make_torch_varlen(cfg: Config, inputs: Inputs, settings: Settings) -> Runne
     return Runner(attend, f"torch {torch.__version__} varlen_attn, {causal}, {gqa}", kv_repeat)
 
 
-_compiled: dict = {"key": None, "fn": None}
-
-
-def _make_flex_attention(cfg: Config, inputs: Inputs, settings: Settings) -> Runner:
+def _make_flex_attention(cfg: Config, inputs: Inputs, settings: _common.Settings) -> Runner:
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError as exc:
@@ -288,25 +272,22 @@ def _make_flex_attention(cfg: Config, inputs: Inputs, settings: Settings) -> Run
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 suggests compiling it instead
         block_mask = create_block_mask(document_causal, None, None, cfg.tokens, cfg.tokens, **mask_kwargs)
-    # One fresh compile per config: the sweep has more shapes than dynamo's recompile limit, past which it
-    # would silently fall back to eager (flex_attention's eager path materialises the scores).
-    key = (cfg, settings.dtype, settings.device)
-    if _compiled["key"] != key:
-        torch._dynamo.reset()
-        _compiled.update(key=key, fn=torch.compile(flex_attention, dynamic=False))
-    flex = _compiled["fn"]
+    # Compiled per config: flex_attention's eager fallback materialises the scores.
+    flex = _common.compiled(flex_attention, (cfg, settings.dtype, settings.device))
 
     def attend(q, k, v, cu, max_len):
         heads_first = lambda x: x.transpose(0, 1).unsqueeze(0)  # [T, H, D] -> [1, H, T, D], a view
         out = flex(heads_first(q), heads_first(k), heads_first(v), block_mask=block_mask, enable_gqa=True)
         return out.squeeze(0).transpose(0, 1)
 
-    note = (f"torch.compile(flex_attention, dynamic=False), document causal block mask "
-            f"(block size {block_mask.BLOCK_SIZE}), enable_gqa=True, default kernel options")  # fmt: skip
+    note = (
+        f"torch.compile(flex_attention, dynamic=False), document causal block mask "
+        f"(block size {block_mask.BLOCK_SIZE}), enable_gqa=True, default kernel options"
+    )
     return Runner(attend, note, extra={"block_mask": block_mask, "doc_id": doc_id})
 
 
-def _make_sdpa_per_doc(cfg: Config, inputs: Inputs, settings: Settings) -> Runner:
+def _make_sdpa_per_doc(cfg: Config, inputs: Inputs, settings: _common.Settings) -> Runner:
     bounds = [int(b) for b in inputs.cu_seqlens.tolist()]  # once, on the host, outside the timed calls
     spans = list(zip(bounds[:-1], bounds[1:], strict=True))
 
@@ -323,7 +304,7 @@ def _make_sdpa_per_doc(cfg: Config, inputs: Inputs, settings: Settings) -> Runne
     return Runner(attend, f"F.scaled_dot_product_attention per document ({len(spans)} calls per step), default backend")
 
 
-def _make_flash_attn(cfg: Config, inputs: Inputs, settings: Settings) -> Runner:
+def _make_flash_attn(cfg: Config, inputs: Inputs, settings: _common.Settings) -> Runner:
     try:
         from flash_attn import flash_attn_varlen_func
     except ImportError as exc:
@@ -338,7 +319,7 @@ def _make_flash_attn(cfg: Config, inputs: Inputs, settings: Settings) -> Runner:
     return Runner(attend, f"flash_attn {version} flash_attn_varlen_func, causal=True, native GQA")
 
 
-def _make_flash_attn3(cfg: Config, inputs: Inputs, settings: Settings) -> Runner:
+def _make_flash_attn3(cfg: Config, inputs: Inputs, settings: _common.Settings) -> Runner:
     try:
         from flash_attn_interface import flash_attn_varlen_func
     except ImportError as exc:
@@ -353,7 +334,7 @@ def _make_flash_attn3(cfg: Config, inputs: Inputs, settings: Settings) -> Runner
     return Runner(attend, "flash_attn_interface.flash_attn_varlen_func (FA3), causal=True, native GQA")
 
 
-FACTORIES: dict[str, Callable[[Config, Inputs, Settings], Runner]] = {
+FACTORIES: dict[str, Callable[[Config, Inputs, _common.Settings], Runner]] = {
     "fastsft": _make_fastsft,
     "torch_varlen": _make_torch_varlen,
     "flex_attention": _make_flex_attention,
@@ -363,283 +344,232 @@ FACTORIES: dict[str, Callable[[Config, Inputs, Settings], Runner]] = {
 }
 
 
-# --------------------------------------------------------------------------------------------------
-# One cell, one config, the sweep
-# --------------------------------------------------------------------------------------------------
-
-
-def _new_entry(name: str, cfg: Config, stats: dict, direction: str) -> dict:
-    return {
-        "config": asdict(cfg),
-        "docs": {k: stats[k] for k in ("n_docs", "max_seqlen", "sum_sq")},
-        "direction": direction,
-        "impl": name,
-        "status": "not run",
-        "time_ms": None,
-        "tflops": None,
-        "flops": attention_flops(cfg, stats["sum_sq"], direction),
-        "flops_formula": FLOPS_FORMULAS[direction],
-        "peak_gib": None,
-        "parity_rel_diff": None,
-        "parity_of": "out" if direction == "fwd" else "worst of dq, dk, dv",
-        "speedup_vs_torch_varlen": None,
-        "note": None,
-        "warnings": [],
-    }
-
-
-def _rel_diff(outputs: tuple, reference: tuple) -> float:
-    """Worst relative L2 difference over the tensors (computed in fp32)."""
-    worst = 0.0
-    for out, ref in zip(outputs, reference, strict=True):
-        ref32 = ref.detach().float()
-        diff = torch.linalg.vector_norm(out.detach().float() - ref32).item()
-        worst = max(worst, diff / max(torch.linalg.vector_norm(ref32).item(), 1e-30))
-    return worst
-
-
-def _warm_call(step: Callable, entry: dict, device: torch.device):
-    """First call: compiles / autotunes; its result is kept for the parity check (warnings recorded)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = step()
-        _common.synchronize(device)
-    entry["warnings"] = list(dict.fromkeys(str(w.message).splitlines()[0][:200] for w in caught))[:3]
-    return result
-
-
-def _measure(name: str, step: Callable, entry: dict, result: tuple, ref: dict, settings: Settings) -> None:
-    """Parity of `result` against fastsft's (or store it, for fastsft), then time, TFLOP/s and peak memory."""
-    key = entry["direction"]
-    if name == "fastsft":
-        ref[key] = tuple(r.detach() for r in result)
-    elif ref.get(key) is not None:
-        try:
-            entry["parity_rel_diff"] = _rel_diff(result, ref[key])
-        except Exception as exc:  # a layout mismatch is worth a note, not the measurement
-            entry["warnings"].append(f"parity not computed: {_common.classify_failure(exc)}")
-    del result
-    entry["time_ms"] = _common.median_time_ms(
-        step, settings.device, warmup_ms=settings.warmup_ms, rep_ms=settings.rep_ms,
-        min_reps=settings.min_reps, cpu_reps=settings.cpu_reps,
-    )  # fmt: skip
-    entry["peak_gib"] = _common.peak_memory_gib(step, settings.device)
-    entry["tflops"] = entry["flops"] / (entry["time_ms"] * 1e-3) / 1e12
-    entry["status"] = "ok"
-
-
-def run_cell(name: str, cfg: Config, stats: dict, inputs: Inputs, settings: Settings, ref: dict) -> list[dict]:
-    """One implementation on one config, fwd then fwd+bwd; failures become the entries' status."""
-    entries = [_new_entry(name, cfg, stats, direction) for direction in DIRECTIONS]
-    runner = None
-    try:
-        if name in settings.skip:
-            raise Unavailable(settings.skip[name])
-        runner = FACTORIES[name](cfg, inputs, settings)
-    except Unavailable as exc:
-        for entry in entries:
-            entry["status"] = f"skipped: {exc}"
-        return entries
-    except Exception as exc:
-        for entry in entries:
-            entry["status"] = _common.classify_failure(exc)
-        _common.release_memory(settings.device)
-        return entries
-    fwd_entry, bwd_entry = entries
-    fwd_entry["note"] = bwd_entry["note"] = runner.note
-    q, k, v, r = inputs.q, inputs.k, inputs.v, runner.kv_repeat
-    if r > 1:  # no native GQA: the adapter gets k / v with Hq heads, leaves of their own
-        k = k.detach().repeat_interleave(r, dim=1).requires_grad_()
-        v = v.detach().repeat_interleave(r, dim=1).requires_grad_()
-    cu, max_len, grad_out = inputs.cu_seqlens, inputs.max_seqlen, inputs.grad_out
-
-    def forward() -> torch.Tensor:
-        return runner.attend(q, k, v, cu, max_len)
-
-    def forward_backward() -> tuple:
-        return torch.autograd.grad(forward(), (q, k, v), grad_out)
-
-    def canonical_grads(grads: tuple) -> tuple:
-        """dq, dk, dv in fastsft's layout: gradients of repeated k / v heads summed over each group."""
-        dq, dk, dv = grads
-        if r > 1:
-            dk, dv = (g.unflatten(1, (g.shape[1] // r, r)).sum(2) for g in (dk, dv))
-        return dq, dk, dv
-
-    try:
-        result = (_warm_call(forward, fwd_entry, settings.device),)
-        _measure(name, forward, fwd_entry, result, ref, settings)
-    except Exception as exc:  # an OOM or a broken baseline must not end the sweep
-        fwd_entry["status"] = _common.classify_failure(exc)
-    result = None
-    _common.release_memory(settings.device)
-    try:
-        result = canonical_grads(_warm_call(forward_backward, bwd_entry, settings.device))
-        _measure(name, forward_backward, bwd_entry, result, ref, settings)
-    except Exception as exc:
-        bwd_entry["status"] = _common.classify_failure(exc)
-    result = runner = q = k = v = None  # drops the closures' references before the next cell
-    _common.release_memory(settings.device)
-    return entries
-
-
-def _ratio(num: dict | None, den: dict | None) -> float | None:
-    """num's time over den's, both measured; None otherwise."""
-    if not num or not den or num.get("time_ms") is None or not den.get("time_ms"):
-        return None
-    return num["time_ms"] / den["time_ms"]
-
-
 def _is_headline(cfg: Config) -> bool:
-    return (cfg.mix == HEADLINE["mix"] and cfg.tokens == HEADLINE["tokens"] and cfg.d == HEADLINE["d"]
-            and cfg.hq == HEADLINE["group"] * cfg.hk)  # fmt: skip
+    return (
+        cfg.mix == HEADLINE["mix"]
+        and cfg.tokens == HEADLINE["tokens"]
+        and cfg.d == HEADLINE["d"]
+        and cfg.hq == HEADLINE["group"] * cfg.hk
+    )
 
 
-def derive(cfg: Config, stats: dict, entries: list[dict], gpu: str, judge: bool) -> list[dict]:
-    """Per direction: every entry's speedup over torch_varlen (its time / the entry's), and fastsft's targets:
-    checked (met True / False) only at the headline config and direction, on a GPU (`judge`), and for the
-    moonshot on an H100; None elsewhere."""
-    derived = []
-    for direction in DIRECTIONS:
-        by_impl = {e["impl"]: e for e in entries if e["direction"] == direction}
-        for entry in by_impl.values():
-            entry["speedup_vs_torch_varlen"] = _ratio(by_impl.get("torch_varlen"), entry)
-        fast, varlen = by_impl.get("fastsft"), by_impl.get("torch_varlen")
-        values = {
-            "speedup_vs_torch_varlen": fast["speedup_vs_torch_varlen"] if fast else None,
-            "moonshot_fwd_tflops": fast["tflops"] if fast else None,
+# --------------------------------------------------------------------------------------------------
+# The benchmark: entries, cells, speedups and targets, report
+# --------------------------------------------------------------------------------------------------
+
+
+class Attention(_common.KernelBenchmark):
+    name = "attention"
+    title = "Varlen causal attention (packed documents), forward and forward + backward"
+    description = "varlen causal attention forward and forward + backward (see bench_attention.py docstring)"
+    all_impls = IMPLS
+    directions = DIRECTIONS
+    rate = ("tflops", "flops", 1e12, "TFLOP/s")
+
+    def smoke_skips(self) -> dict[str, str]:
+        why = (
+            f"--smoke runs {' and '.join(SMOKE_IMPLS)} only (the others need CUDA and bf16, or compile for "
+            "minutes on CPU); name it with --impl to run it"
+        )
+        return {name: why for name in IMPLS if name not in SMOKE_IMPLS}
+
+    def setup(self) -> None:
+        """The document lengths of every (mix, tokens) batch of the sweep, and their statistics."""
+        batches = dict.fromkeys((c.mix, c.tokens) for c in self.configs)
+        self.lengths = {(mix, t): document_lengths(mix, t, self.settings.seed) for mix, t in batches}
+        self.stats = {batch: doc_stats(lengths) for batch, lengths in self.lengths.items()}
+
+    def prepare(self, cfg: Config) -> Inputs:
+        return make_inputs(cfg, self.lengths[(cfg.mix, cfg.tokens)], self.settings)
+
+    def entry_fields(self, name: str, cfg: Config, direction: str) -> dict:
+        stats = self.stats[(cfg.mix, cfg.tokens)]
+        return {
+            "docs": {k: stats[k] for k in ("n_docs", "max_seqlen", "sum_sq")},
+            "flops": attention_flops(cfg, stats["sum_sq"], direction),
+            "flops_formula": FLOPS_FORMULAS[direction],
+            "parity_of": "out" if direction == "fwd" else "worst of dq, dk, dv",
+            "speedup_vs_torch_varlen": None,
         }
-        targets = {}
-        for key, target in TARGETS.items():
-            applies = _is_headline(cfg) and direction == target["direction"]
-            on_device = judge and (target["device"] is None or target["device"] in gpu)
-            value = values[key]
-            met = value >= target["limit"] if value is not None and applies and on_device else None
-            targets[key] = {**target, "value": value, "applies": applies, "met": met}
-        derived.append({
-            "config": asdict(cfg), "direction": direction, "docs": {k: stats[k] for k in ("n_docs", "max_seqlen")},
-            "fastsft_tflops": fast["tflops"] if fast else None,
-            "torch_varlen_tflops": varlen["tflops"] if varlen else None,
-            "fastsft_speedup_vs_torch_varlen": values["speedup_vs_torch_varlen"],
-            "targets": targets,
-        })  # fmt: skip
-    return derived
 
+    def build(self, name: str, cfg: Config, inputs: Inputs) -> _common.Cell:
+        """fwd: one forward with autograd recording; fwd+bwd: a fresh forward and torch.autograd.grad of
+        dq, dk, dv (put back in fastsft's layout for parity when k / v heads were repeated)."""
+        runner = FACTORIES[name](cfg, inputs, self.settings)
+        q, k, v, r = inputs.q, inputs.k, inputs.v, runner.kv_repeat
+        if r > 1:  # no native GQA: the adapter gets k / v with Hq heads, leaves of their own
+            k = k.detach().repeat_interleave(r, dim=1).requires_grad_()
+            v = v.detach().repeat_interleave(r, dim=1).requires_grad_()
+        cu, max_len, grad_out = inputs.cu_seqlens, inputs.max_seqlen, inputs.grad_out
 
-def _progress(entry: dict) -> str:
-    cfg = Config(**entry["config"])
-    parts = [f"{cfg.label():<52}", f"{entry['direction']:<7}", f"{entry['impl']:<14}", entry["status"]]
-    if entry["time_ms"] is not None:
-        parts.append(f"{entry['time_ms']:9.3f} ms  {entry['tflops']:8.2f} TFLOP/s")
-    if entry["peak_gib"] is not None:
-        parts.append(f"{entry['peak_gib']:6.2f} GiB")
-    if entry["parity_rel_diff"] is not None:
-        parts.append(f"rel.diff {entry['parity_rel_diff']:.1e}")
-    return "  ".join(parts)
+        def forward() -> torch.Tensor:
+            return runner.attend(q, k, v, cu, max_len)
 
+        def forward_backward() -> tuple:
+            return torch.autograd.grad(forward(), (q, k, v), grad_out)
 
-def _failed_entries(name: str, cfg: Config, stats: dict, status: str) -> list[dict]:
-    entries = [_new_entry(name, cfg, stats, direction) for direction in DIRECTIONS]
-    for entry in entries:
-        entry["status"] = status
-    return entries
+        def canonical_grads(grads: tuple) -> tuple:
+            """dq, dk, dv in fastsft's layout: gradients of repeated k / v heads summed over each group."""
+            dq, dk, dv = grads
+            if r > 1:
+                dk, dv = (g.unflatten(1, (g.shape[1] // r, r)).sum(2) for g in (dk, dv))
+            return dq, dk, dv
 
+        return _common.Cell(runner.note, [_common.Step(forward), _common.Step(forward_backward, canonical_grads)])
 
-def run_sweep(configs: list[Config], impls: list[str], settings: Settings, lengths: dict):
-    """Every implementation on every config (fastsft first: its outputs and gradients are the parity
-    reference), until SIGTERM (the caller's time limit). `lengths[(mix, tokens)]` holds each batch's
-    document lengths. Returns (results, derived, the configs measured)."""
-    results, derived = [], []
-    gpu, judge = _common.gpu_name(), settings.device.type == "cuda"
+    def derive(self, cfg: Config, entries: list[dict]) -> list[dict]:
+        """Per direction: every entry's speedup over torch_varlen (its time / the entry's), and fastsft's
+        targets: checked (met True / False) only at the headline config and direction, on a GPU, and for the
+        moonshot on an H100; None elsewhere."""
+        stats = self.stats[(cfg.mix, cfg.tokens)]
+        derived = []
+        for direction in DIRECTIONS:
+            by_impl = {e["impl"]: e for e in entries if e["direction"] == direction}
+            for entry in by_impl.values():
+                entry["speedup_vs_torch_varlen"] = _common.ratio(by_impl.get("torch_varlen"), entry)
+            fast, varlen = by_impl.get("fastsft"), by_impl.get("torch_varlen")
+            values = {
+                "speedup_vs_torch_varlen": fast["speedup_vs_torch_varlen"] if fast else None,
+                "moonshot_fwd_tflops": fast["tflops"] if fast else None,
+            }
+            targets = {}
+            for key, target in TARGETS.items():
+                applies = _is_headline(cfg) and direction == target["direction"]
+                on_device = self.on_gpu and (target["device"] is None or target["device"] in self.gpu)
+                value = values[key]
+                judged = value is not None and applies and on_device
+                met = _common.meets(value, target["rule"], target["limit"]) if judged else None
+                targets[key] = {**target, "value": value, "applies": applies, "met": met}
+            derived.append({
+                "config": asdict(cfg),
+                "direction": direction,
+                "docs": {k: stats[k] for k in ("n_docs", "max_seqlen")},
+                "fastsft_tflops": fast["tflops"] if fast else None,
+                "torch_varlen_tflops": varlen["tflops"] if varlen else None,
+                "fastsft_speedup_vs_torch_varlen": values["speedup_vs_torch_varlen"],
+                "targets": targets,
+            })
+        return derived
 
-    def run_one(cfg: Config) -> None:
-        docs = lengths[(cfg.mix, cfg.tokens)]
-        stats = doc_stats(docs)
-        entries = []
-        try:
-            inputs = make_inputs(cfg, docs, settings)
-        except Exception as exc:  # the inputs themselves did not fit: every cell of the config fails alike
-            status = _common.classify_failure(exc)
-            print(f"{cfg.label()}: inputs failed: {status}", flush=True)
-            entries = [e for name in impls for e in _failed_entries(name, cfg, stats, status)]
-        else:
-            ref: dict = {}
-            for name in impls:
-                cell = run_cell(name, cfg, stats, inputs, settings, ref)
-                for entry in cell:
-                    print(_progress(entry), flush=True)
-                entries += cell
-            del inputs, ref
-        _common.release_memory(settings.device)
-        derived.extend(derive(cfg, stats, entries, gpu, judge))
-        results.extend(entries)
+    def settings_fields(self) -> dict:
+        configs = self.configs
+        sweep = {
+            "mixes": list(dict.fromkeys(c.mix for c in configs)),
+            "tokens": list(dict.fromkeys(c.tokens for c in configs)),
+            "head_dims": list(dict.fromkeys(c.d for c in configs)),
+            "heads": list(dict.fromkeys(c.heads() for c in configs)),
+        }
+        return {"causal": True, "softmax_scale": "1/sqrt(D)", "sweep": sweep}
 
-    done = _common.sweep_until_out_of_time(configs, run_one)
-    return results, derived, done
+    def payload_fields(self) -> dict:
+        mixes = {
+            f"{mix} T={tokens}": {**self.stats[(mix, tokens)], "lengths": lengths}
+            for (mix, tokens), lengths in self.lengths.items()
+        }
+        return {"length_mixes": mixes, "flops_formulas": FLOPS_FORMULAS, "headline": HEADLINE, "targets": TARGETS}
 
+    def summary_lines(self, payload: dict) -> list[str]:
+        s = payload["settings"]
+        return [
+            f"- inputs: {s['dtype']}, q, k, v, grad_out ~ N(0, 1) (seed {s['seed']}), softmax scale 1/sqrt(D), "
+            f"causal within each document; timing: {_common.timing_line(s)}",
+            f"- TFLOP/s = FLOPs / time, the same FLOPs for every implementation (s_i = document lengths): fwd "
+            f"`{FLOPS_FORMULAS['fwd']}`, fwd+bwd `{FLOPS_FORMULAS['fwd+bwd']}` (backward = 2.5x forward, "
+            "FlashAttention's convention). fwd = one forward with autograd recording; fwd+bwd = one forward and "
+            "`torch.autograd.grad` of dq, dk, dv. × vs torch_varlen = torch_varlen's time / this row's time.",
+            "- parity (informational): relative L2 difference to fastsft of out (fwd) / the worst of dq, dk, dv "
+            "(fwd+bwd); memory: peak allocated during one call above the inputs, GiB.",
+            f"- target (DESIGN.md): fastsft ≥ 1.0x torch varlen_attn TFLOP/s, fwd+bwd, D=128, GQA 4:1, "
+            f"{HEADLINE['mix']} documents, {HEADLINE['tokens']} tokens; moonshot ≥ 450 TFLOP/s forward on an "
+            "H100. ✓ / ✗ at the headline config where measured on a GPU.",
+        ]
 
-# --------------------------------------------------------------------------------------------------
-# Report: markdown tables and plot
-# --------------------------------------------------------------------------------------------------
+    def sections(self, payload: dict) -> list[tuple[str, list[str]]]:
+        return [
+            ("Every measurement", [self.main_table(payload)]),
+            ("fastsft against torch varlen_attn and the targets", [_targets_table(payload)]),
+            ("Length mixes", _mix_lines(payload)),
+        ]
 
+    def main_table(self, payload: dict) -> str:
+        headers = ["mix", "T", "docs", "max len", "Hq/Hk", "D", "dir", "impl", "ms", "TFLOP/s"]
+        headers += ["× vs torch_varlen", "peak GiB", "rel. diff to fastsft"]
+        rows = []
+        for e in payload["results"]:
+            cfg = Config(**e["config"])
+            docs = e["docs"]
+            head = [cfg.mix, cfg.tokens, docs["n_docs"], docs["max_seqlen"], cfg.heads(), cfg.d, e["direction"]]
+            head.append(e["impl"])
+            if e["status"] != "ok":
+                rows.append([*head, _common.short_status(e["status"]), *[None] * 4])
+                continue
+            parity = "(ref)" if e["impl"] == "fastsft" else _common.num(e["parity_rel_diff"], ".1e")
+            rows.append([
+                *head,
+                _common.num(e["time_ms"], ".3f"),
+                _common.sig3(e["tflops"]),
+                _common.num(e["speedup_vs_torch_varlen"], ".2f"),
+                _common.num(e["peak_gib"], ".3f"),
+                parity,
+            ])
+        return _common.markdown_table(headers, rows)
 
-def _short_status(entry: dict) -> str:
-    return entry["status"].split(":")[0]
+    def panels(self, payload: dict) -> list[list[_common.BarPanel]]:
+        """Rows: TFLOP/s fwd, TFLOP/s fwd+bwd, peak memory fwd+bwd; one column per (heads, D); groups = length
+        mixes (and T), bars = implementations."""
+        impls, results = payload["settings"]["impls"], payload["results"]
+        configs = list(dict.fromkeys(Config(**e["config"]) for e in results))
+        shapes = list(dict.fromkeys((c.hq, c.hk, c.d) for c in configs))
+        by_cell = {(Config(**e["config"]), e["direction"], e["impl"]): e for e in results}
+        grid = []
+        rows = (("fwd", "tflops", "TFLOP/s", False), ("fwd+bwd", "tflops", "TFLOP/s", False))
+        rows += (("fwd+bwd", "peak_gib", "GiB", True),)
+        for direction, key, ylabel, log in rows:
+            row = []
+            for hq, hk, d in shapes:
+                group = [c for c in configs if (c.hq, c.hk, c.d) == (hq, hk, d)]
+                labels = [f"{c.mix}\nT={c.tokens}" for c in group]
+                series = {name: [by_cell[(c, direction, name)][key] for c in group] for name in impls}
+                cells = (((name, i), by_cell[(c, direction, name)]) for i, c in enumerate(group) for name in impls)
+                what = "TFLOP/s" if key == "tflops" else "peak memory above the inputs"
+                title = f"{what} {direction}, Hq/Hk={hq}/{hk} D={d}"
+                row.append(_common.BarPanel(title, ylabel, labels, series, log, _common.failure_marks(cells)))
+            grid.append(row)
+        return grid
 
-
-def _num(value: float | None, fmt: str) -> str | None:
-    return None if value is None or not math.isfinite(value) else format(value, fmt)
-
-
-def _sig3(value: float | None) -> str | None:
-    """Three significant digits without an exponent (TFLOP/s spans 1e-5 on a CPU smoke run to 700 on a GPU)."""
-    if value is None or not math.isfinite(value):
-        return None
-    digits = 2 - math.floor(math.log10(abs(value))) if value else 0
-    return f"{value:.{max(0, digits)}f}"
+    def plot_subject(self, payload: dict) -> str:
+        return "varlen causal attention"
 
 
 def _target_cell(target: dict) -> str:
     if target["value"] is None:
         return ""
-    mark = "" if target["met"] is None else (" ✓" if target["met"] else " ✗")
-    return _sig3(target["value"]) + mark
-
-
-MAIN_HEADERS = ["mix", "T", "docs", "max len", "Hq/Hk", "D", "dir", "impl", "ms", "TFLOP/s", "× vs torch_varlen",
-                "peak GiB", "rel. diff to fastsft"]  # fmt: skip
-
-
-def _main_table(payload: dict) -> str:
-    rows = []
-    for e in payload["results"]:
-        cfg = Config(**e["config"])
-        head = [cfg.mix, cfg.tokens, e["docs"]["n_docs"], e["docs"]["max_seqlen"], cfg.heads(), cfg.d,
-                e["direction"], e["impl"]]  # fmt: skip
-        if e["status"] != "ok":
-            rows.append([*head, _short_status(e), *[None] * 4])
-            continue
-        rows.append([
-            *head, _num(e["time_ms"], ".3f"), _sig3(e["tflops"]), _num(e["speedup_vs_torch_varlen"], ".2f"),
-            _num(e["peak_gib"], ".3f"), "(ref)" if e["impl"] == "fastsft" else _num(e["parity_rel_diff"], ".1e"),
-        ])  # fmt: skip
-    return _common.markdown_table(MAIN_HEADERS, rows)
+    return _common.sig3(target["value"]) + _common.check_mark(target["met"])
 
 
 def _targets_table(payload: dict) -> str:
     speed, moon = TARGETS["speedup_vs_torch_varlen"], TARGETS["moonshot_fwd_tflops"]
-    headers = ["mix", "T", "Hq/Hk", "D", "dir", "fastsft TFLOP/s", "torch_varlen TFLOP/s",
-               f"fastsft × vs torch_varlen (≥ {speed['limit']:g} {speed['direction']}, headline)",
-               f"moonshot: fastsft fwd TFLOP/s (≥ {moon['limit']:g} on {moon['device']}, headline)"]  # fmt: skip
+    headers = ["mix", "T", "Hq/Hk", "D", "dir", "fastsft TFLOP/s", "torch_varlen TFLOP/s"]
+    headers += [
+        f"fastsft × vs torch_varlen (≥ {speed['limit']:g} {speed['direction']}, headline)",
+        f"moonshot: fastsft fwd TFLOP/s (≥ {moon['limit']:g} on {moon['device']}, headline)",
+    ]
     rows = []
     for d in payload["derived"]:
         cfg = Config(**d["config"])
         t = d["targets"]
         moonshot = _target_cell(t["moonshot_fwd_tflops"]) if t["moonshot_fwd_tflops"]["applies"] else ""
         rows.append([
-            cfg.mix, cfg.tokens, cfg.heads(), cfg.d, d["direction"], _sig3(d["fastsft_tflops"]),
-            _sig3(d["torch_varlen_tflops"]), _target_cell(t["speedup_vs_torch_varlen"]), moonshot,
-        ])  # fmt: skip
+            cfg.mix,
+            cfg.tokens,
+            cfg.heads(),
+            cfg.d,
+            d["direction"],
+            _common.sig3(d["fastsft_tflops"]),
+            _common.sig3(d["torch_varlen_tflops"]),
+            _target_cell(t["speedup_vs_torch_varlen"]),
+            moonshot,
+        ])
     return _common.markdown_table(headers, rows)
 
 
@@ -648,87 +578,11 @@ def _mix_lines(payload: dict) -> list[str]:
     for key, mix in payload["length_mixes"].items():
         lengths = mix["lengths"]
         shown = ", ".join(map(str, lengths[:12])) + (", ..." if len(lengths) > 12 else "")
-        lines.append(f"- **{key}**: {mix['n_docs']} documents, max {mix['max_seqlen']}, mean "
-                     f"{mix['mean_seqlen']:.0f}, sum(s_i^2) = {mix['sum_sq']}; lengths {shown}")  # fmt: skip
+        lines.append(
+            f"- **{key}**: {mix['n_docs']} documents, max {mix['max_seqlen']}, mean {mix['mean_seqlen']:.0f}, "
+            f"sum(s_i^2) = {mix['sum_sq']}; lengths {shown}"
+        )
     return lines
-
-
-def render_markdown(payload: dict) -> str:
-    meta, s = payload["metadata"], payload["settings"]
-    if s["device"] == "cuda":
-        timing = (f"triton.testing.do_bench median (warmup {s['warmup_ms']:g} ms, repetitions over at least "
-                  f"{s['rep_ms']:g} ms and {s['min_reps']} calls, L2 flushed between calls)")  # fmt: skip
-    else:
-        timing = f"time.perf_counter median of {s['cpu_reps']} calls (smoke run without CUDA: no speed data)"
-    parts = [
-        "# Varlen causal attention (packed documents), forward and forward + backward",
-        "",
-        *_common.metadata_lines(meta),
-        f"- inputs: {s['dtype']}, q, k, v, grad_out ~ N(0, 1) (seed {s['seed']}), softmax scale 1/sqrt(D), causal "
-        f"within each document; timing: {timing}",
-        f"- TFLOP/s = FLOPs / time, the same FLOPs for every implementation (s_i = document lengths): fwd "
-        f"`{FLOPS_FORMULAS['fwd']}`, fwd+bwd `{FLOPS_FORMULAS['fwd+bwd']}` (backward = 2.5x forward, "
-        "FlashAttention's convention). fwd = one forward with autograd recording; fwd+bwd = one forward and "
-        "`torch.autograd.grad` of dq, dk, dv. × vs torch_varlen = torch_varlen's time / this row's time.",
-        "- parity (informational): relative L2 difference to fastsft of out (fwd) / the worst of dq, dk, dv "
-        "(fwd+bwd); memory: peak allocated during one call above the inputs, GiB.",
-        f"- target (DESIGN.md): fastsft ≥ 1.0x torch varlen_attn TFLOP/s, fwd+bwd, D=128, GQA 4:1, "
-        f"{HEADLINE['mix']} documents, {HEADLINE['tokens']} tokens; moonshot ≥ 450 TFLOP/s forward on an H100. "
-        "✓ / ✗ at the headline config where measured on a GPU.",
-        "",
-        "## Every measurement",
-        "",
-        _main_table(payload),
-        "",
-        "## fastsft against torch varlen_attn and the targets",
-        "",
-        _targets_table(payload),
-        "",
-        "## Length mixes",
-        "",
-        *_mix_lines(payload),
-        "",
-        "## Implementations",
-        "",
-        *_common.implementation_notes(payload),
-        "",
-    ]
-    return "\n".join(parts)
-
-
-def _is_failure(status: str) -> bool:
-    """Statuses the plot marks where the bar would be (not those of a baseline that is not installed)."""
-    return status == "oom" or status.startswith("error")
-
-
-def _panels(payload: dict) -> list[list[_common.BarPanel]]:
-    """Rows: TFLOP/s fwd, TFLOP/s fwd+bwd, peak memory fwd+bwd; one column per (heads, D); groups = length mixes
-    (and T), bars = implementations."""
-    impls, results = payload["settings"]["impls"], payload["results"]
-    configs = list(dict.fromkeys(Config(**e["config"]) for e in results))
-    shapes = list(dict.fromkeys((c.hq, c.hk, c.d) for c in configs))
-    by_cell = {(Config(**e["config"]), e["direction"], e["impl"]): e for e in results}
-    grid = []
-    for direction, key, ylabel, log in (("fwd", "tflops", "TFLOP/s", False), ("fwd+bwd", "tflops", "TFLOP/s", False),
-                                        ("fwd+bwd", "peak_gib", "GiB", True)):  # fmt: skip
-        row = []
-        for hq, hk, d in shapes:
-            group = [c for c in configs if (c.hq, c.hk, c.d) == (hq, hk, d)]
-            labels = [f"{c.mix}\nT={c.tokens}" for c in group]
-            series = {name: [by_cell[(c, direction, name)][key] for c in group] for name in impls}
-            marks = {(name, i): _short_status(by_cell[(c, direction, name)]) for i, c in enumerate(group)
-                     for name in impls if _is_failure(by_cell[(c, direction, name)]["status"])}  # fmt: skip
-            what = "TFLOP/s" if key == "tflops" else "peak memory above the inputs"
-            title = f"{what} {direction}, Hq/Hk={hq}/{hk} D={d}"
-            row.append(_common.BarPanel(title, ylabel, labels, series, log, marks))
-        grid.append(row)
-    return grid
-
-
-def write_outputs(payload: dict, out_dir: Path) -> list[Path]:
-    meta, s = payload["metadata"], payload["settings"]
-    title = f"varlen causal attention: {meta['gpu']}, {s['dtype']}, git {meta['git_revision']}"
-    return _common.write_result_files(payload, out_dir, render_markdown(payload), _panels(payload), title)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -737,24 +591,18 @@ def write_outputs(payload: dict, out_dir: Path) -> list[Path]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Varlen causal attention fwd and fwd+bwd: fastsft vs torch varlen_attn, flex_attention, "
+    parser = _common.argument_parser(
+        "attention",
+        "Varlen causal attention fwd and fwd+bwd: fastsft vs torch varlen_attn, flex_attention, "
         "SDPA per document, flash-attn.",
-        epilog="Writes attention_<gpu>_<date>.{json,md,png} into --out.",
     )
     parser.add_argument("--mix", nargs="+", choices=MIXES, help="document length mixes (default all)")
     parser.add_argument("--tokens", type=int, nargs="+", help=f"tokens T per batch (default {FULL_TOKENS})")
     parser.add_argument("--d", type=int, nargs="+", help="head dims (default 128 64; --quick: 128)")
-    parser.add_argument("--impl", nargs="+", choices=IMPLS, help="implementations to run (default all)")
-    parser.add_argument("--quick", action="store_true", help="D=128 only (all mixes, T=32768)")
-    _common.add_run_options(parser)
+    _common.add_run_options(parser, IMPLS, "D=128 only (all mixes, T=32768)")
     args = parser.parse_args(argv)
-    for tokens in args.tokens or ():
-        if tokens < 1:
-            parser.error(f"--tokens values must be >= 1, got {tokens}")
-    for d in args.d or ():
-        if d < 1:
-            parser.error(f"--d values must be >= 1, got {d}")
+    _common.check_values(parser, "--tokens", args.tokens, lambda t: t >= 1, ">= 1")
+    _common.check_values(parser, "--d", args.d, lambda d: d >= 1, ">= 1")
     return args
 
 
@@ -769,81 +617,9 @@ def make_configs(args: argparse.Namespace) -> list[Config]:
     return [Config(mix, t, hq, hk, d) for d in dims for mix in mixes for t in tokens]
 
 
-def make_settings(args: argparse.Namespace) -> Settings:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        # Tiny smoke shapes: one thread. Several (OpenMP pools of torch and of torch.compile's kernels)
-        # spin against each other on a small machine and turn 0.2 ms calls into 50 ms ones.
-        torch.set_num_threads(1)
-    dtype = torch.float32 if args.smoke else torch.bfloat16
-    skip = {}
-    if args.smoke:
-        why = (f"--smoke runs {' and '.join(SMOKE_IMPLS)} only (the others need CUDA and bf16, or compile for "
-               "minutes on CPU); name it with --impl to run it")  # fmt: skip
-        skip = {name: why for name in IMPLS if name not in SMOKE_IMPLS and name not in (args.impl or ())}
-    return Settings(device, dtype, args.smoke, args.seed, args.warmup_ms, args.rep_ms, args.min_reps, skip)
-
-
-def build_payload(configs, impls, settings, lengths, results, derived) -> dict:
-    return {
-        "benchmark": "attention",
-        "description": "varlen causal attention forward and forward + backward (see bench_attention.py docstring)",
-        "metadata": _common.collect_metadata(),
-        "settings": {
-            "device": settings.device.type,
-            "dtype": str(settings.dtype).removeprefix("torch."),
-            "smoke": settings.smoke,
-            "seed": settings.seed,
-            "warmup_ms": settings.warmup_ms,
-            "rep_ms": settings.rep_ms,
-            "min_reps": settings.min_reps,
-            "cpu_reps": settings.cpu_reps,
-            "causal": True,
-            "softmax_scale": "1/sqrt(D)",
-            "impls": impls,
-            "sweep": {
-                "mixes": list(dict.fromkeys(c.mix for c in configs)),
-                "tokens": list(dict.fromkeys(c.tokens for c in configs)),
-                "head_dims": list(dict.fromkeys(c.d for c in configs)),
-                "heads": list(dict.fromkeys(c.heads() for c in configs)),
-            },
-        },
-        "length_mixes": {
-            f"{mix} T={tokens}": {**doc_stats(docs), "lengths": docs} for (mix, tokens), docs in lengths.items()
-        },
-        "flops_formulas": FLOPS_FORMULAS,
-        "headline": HEADLINE,
-        "targets": TARGETS,
-        "results": results,
-        "derived": derived,
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available() and not args.smoke:
-        print(
-            "bench_attention.py needs a CUDA GPU (none is visible to torch). Run it on a GPU machine, or pass "
-            "--smoke for a tiny CPU run through the Triton interpreter that checks the script only.",
-            file=sys.stderr,
-        )
-        return 2
-    settings = make_settings(args)
-    configs = make_configs(args)
-    impls = [name for name in IMPLS if args.impl is None or name in args.impl]
-    lengths = {(c.mix, c.tokens): document_lengths(c.mix, c.tokens, args.seed) for c in configs}
-    print(f"{len(configs)} configs x {len(impls)} implementations x fwd, fwd+bwd on {_common.gpu_name()}, "
-          f"{settings.dtype}")  # fmt: skip
-    results, derived, done = run_sweep(configs, impls, settings, lengths)
-    payload = build_payload(configs, impls, settings, lengths, results, derived)  # the sweep asked for
-    payload["configs_not_run"] = [c.label() for c in configs[len(done) :]]  # out of time
-    if not done:  # stopped before the first config completed
-        print("wrote " + ", ".join(str(p) for p in _common.write_json_only(payload, args.out)))
-        return 0
-    paths = write_outputs(payload, args.out)
-    print("\n" + _main_table(payload) + "\n")
-    print("wrote " + ", ".join(str(p) for p in paths))
-    return 0
+    return Attention(args, make_configs(args)).run()
 
 
 if __name__ == "__main__":

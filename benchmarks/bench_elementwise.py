@@ -58,24 +58,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
-import math
-import os
 import sys
-import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import _common
 import torch
 import torch.nn.functional as F
 
-# A CPU smoke run executes fastsft's real Triton kernels in Triton's interpreter, which is chosen when
-# triton is first imported: so the environment is set here, before anything imports triton (fastsft's
-# kernels and triton.testing are imported lazily, inside the functions that use them).
-if "--smoke" in sys.argv and not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    os.environ.setdefault("FASTSFT_BACKEND", "triton")
+_common.use_interpreter_without_cuda("--smoke")  # before anything imports triton
 
 EPS = 1e-6
 ROPE_THETA = 500000.0  # Llama 3
@@ -115,10 +106,7 @@ TARGETS = {
     "pct_of_copy": {"limit": 80.0, "rule": ">="},
     "time_vs_liger": {"limit": 1.0, "rule": "<"},
 }
-
-
-class Unavailable(Exception):
-    """The implementation cannot run here (not installed, skipped); recorded as "skipped: <why>"."""
+Unavailable = _common.Unavailable
 
 
 def op_family(op: str) -> str:
@@ -159,19 +147,6 @@ def traffic_bytes(cfg: Config, direction: str, elem: int) -> int:
 
 
 @dataclass
-class Settings:
-    device: torch.device
-    dtype: torch.dtype
-    smoke: bool
-    seed: int
-    warmup_ms: float
-    rep_ms: float
-    min_reps: int
-    skip_compile: str | None  # the reason torch_compile is not run, or None
-    cpu_reps: int = 3
-
-
-@dataclass
 class Inputs:
     tensors: dict[str, torch.Tensor]  # the op's arguments by name; the leaves require grad
     leaves: tuple[torch.Tensor, ...]  # what the backward differentiates, in order
@@ -188,7 +163,7 @@ def rope_tables(tokens: int, head_dim: int, device, dtype) -> tuple[torch.Tensor
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def make_inputs(cfg: Config, settings: Settings) -> Inputs:
+def make_inputs(cfg: Config, settings: _common.Settings) -> Inputs:
     """Random inputs (never zeros: they can hide unwritten outputs and run faster), the same for every
     implementation of a config (same seed). Activations ~ N(0, 1); weights ~ 1 + N(0, 0.1^2), or N(0, 0.1^2)
     for the Gemma offset form (whose stored weight is the deviation from 1)."""
@@ -222,20 +197,12 @@ def make_inputs(cfg: Config, settings: Settings) -> Inputs:
 # --------------------------------------------------------------------------------------------------
 
 
-def _identity(outputs: tuple) -> tuple:
-    return outputs
-
-
 @dataclass
 class Runner:
     forward: Callable[[], tuple]  # one forward from the inputs (autograd records it); a tuple of outputs
     note: str
     grad_outputs: tuple | None = None  # in forward()'s output layout; None: the Inputs' own
-    canonical: Callable[[tuple], tuple] = field(default=_identity)  # outputs in fastsft's layout (parity)
-
-
-def _as_tuple(out) -> tuple:
-    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+    canonical: Callable[[tuple], tuple] | None = None  # outputs in fastsft's layout (parity); None: as they are
 
 
 # Hugging Face's code for these ops (transformers' Llama / Gemma modelling files), as plain functions.
@@ -294,7 +261,7 @@ HF_FUNCTIONS: dict[str, tuple[Callable, tuple[str, ...]]] = {
 FASTSFT_BACKEND_OP = {"rope": "apply_rope", "swiglu": "swiglu", "geglu": "geglu"}  # others: "rms_norm"
 
 
-def _make_fastsft(cfg: Config, inputs: Inputs, settings: Settings) -> Runner:
+def _make_fastsft(cfg: Config, inputs: Inputs, settings: _common.Settings) -> Runner:
     from fastsft import ops
     from fastsft.ops._backend import select_backend
 
@@ -313,18 +280,13 @@ def _make_fastsft(cfg: Config, inputs: Inputs, settings: Settings) -> Runner:
     return Runner(forward, f"fastsft backend: {backend}")
 
 
-def _make_torch_eager(cfg: Config, inputs: Inputs, settings: Settings) -> Runner:
+def _make_torch_eager(cfg: Config, inputs: Inputs, settings: _common.Settings) -> Runner:
     fn, names = HF_FUNCTIONS[cfg.op]
     args = [inputs.tensors[name] for name in names]
-    return Runner(lambda: _as_tuple(fn(*args)), f"HF's code, eager ({fn.__name__})")
+    return Runner(lambda: _common.as_tuple(fn(*args)), f"HF's code, eager ({fn.__name__})")
 
 
-_compiled: dict = {"key": None, "fn": None}
-
-
-def _make_torch_compile(cfg: Config, inputs: Inputs, settings: Settings) -> Runner:
-    if settings.skip_compile:
-        raise Unavailable(settings.skip_compile)
+def _make_torch_compile(cfg: Config, inputs: Inputs, settings: _common.Settings) -> Runner:
     fn, names = HF_FUNCTIONS[cfg.op]
     args = [inputs.tensors[name] for name in names]
     # Buffer donation lets a compiled backward reuse its saved activations, which then forbids a second
@@ -335,14 +297,9 @@ def _make_torch_compile(cfg: Config, inputs: Inputs, settings: Settings) -> Runn
         functorch_config = None
     if hasattr(functorch_config, "donated_buffer"):
         functorch_config.donated_buffer = False
-    # One fresh compile per config: the sweep has more shapes than dynamo's recompile limit, past which it
-    # would silently fall back to eager.
-    key = (cfg, settings.dtype, settings.device)
-    if _compiled["key"] != key:
-        torch._dynamo.reset()
-        _compiled.update(key=key, fn=torch.compile(fn, dynamic=False))
-    compiled = _compiled["fn"]
-    return Runner(lambda: _as_tuple(compiled(*args)), f"torch.compile({fn.__name__}, dynamic=False), default backend")
+    compiled = _common.compiled(fn, (cfg, settings.dtype, settings.device))
+    note = f"torch.compile({fn.__name__}, dynamic=False), default backend"
+    return Runner(lambda: _common.as_tuple(compiled(*args)), note)
 
 
 # Liger's autograd Function per op and the module that defines it in older versions.
@@ -397,11 +354,11 @@ def _liger_positional(function, values: dict) -> tuple[list, list[str]]:
     return args, [name for name in values if name not in known]
 
 
-def _make_liger(cfg: Config, inputs: Inputs, settings: Settings) -> Runner:
+def _make_liger(cfg: Config, inputs: Inputs, settings: _common.Settings) -> Runner:
     function = _liger_function(cfg.op)
     t = inputs.tensors
     version = _common.package_version(*_common.PACKAGES["liger_kernel"])
-    grad_outputs, canonical = None, _identity
+    grad_outputs = canonical = None
     if cfg.op == "rope":
         # HF's layout: q/k [B, H, S, D] as transposed views of the projection's [B, S, H, D] output, cos/sin
         # [B, S, D]. Liger returns [1, H, T, D] views (of q and k, which it rotates in place).
@@ -414,21 +371,21 @@ def _make_liger(cfg: Config, inputs: Inputs, settings: Settings) -> Runner:
         canonical = lambda outs: tuple(o.transpose(1, 2).squeeze(0) for o in outs)
 
         def forward():
-            return _as_tuple(function.apply(heads_first(t["q"]), heads_first(t["k"]), *args[2:]))
+            return _common.as_tuple(function.apply(heads_first(t["q"]), heads_first(t["k"]), *args[2:]))
 
     else:
         if cfg.op in ("swiglu", "geglu"):
             values = {"a": t["gate"], "b": t["up"]}
         else:
             gemma = cfg.op == "rms_norm_gemma"
-            values = {"X": t["x"], "W": t["weight"], "eps": EPS, "offset": 1.0 if gemma else 0.0,
-                      "casting_mode": "gemma" if gemma else "llama", "in_place": False}  # fmt: skip
+            values = {"X": t["x"], "W": t["weight"], "eps": EPS, "offset": 1.0 if gemma else 0.0}
+            values.update(casting_mode="gemma" if gemma else "llama", in_place=False)
             if cfg.op == "add_rms_norm":
                 values = {"X": t["x"], "R": t["residual"], **{k: v for k, v in values.items() if k != "X"}}
         args, ignored = _liger_positional(function, values)
 
         def forward():
-            return _as_tuple(function.apply(*args))
+            return _common.as_tuple(function.apply(*args))
 
     note = f"liger_kernel {version}: {function.__module__}.{function.__name__}"
     if ignored:
@@ -436,7 +393,7 @@ def _make_liger(cfg: Config, inputs: Inputs, settings: Settings) -> Runner:
     return Runner(forward, note, grad_outputs, canonical)
 
 
-FACTORIES: dict[str, Callable[[Config, Inputs, Settings], Runner]] = {
+FACTORIES: dict[str, Callable[[Config, Inputs, _common.Settings], Runner]] = {
     "fastsft": _make_fastsft,
     "torch_eager": _make_torch_eager,
     "torch_compile": _make_torch_compile,
@@ -444,320 +401,196 @@ FACTORIES: dict[str, Callable[[Config, Inputs, Settings], Runner]] = {
 }
 
 
-# --------------------------------------------------------------------------------------------------
-# Copy bandwidth, one cell, one config, the sweep
-# --------------------------------------------------------------------------------------------------
-
-
-def measure_copy_bandwidth(settings: Settings) -> dict:
+def measure_copy_bandwidth(settings: _common.Settings) -> dict:
     """dst.copy_(src) of one large bf16 buffer (1 GiB on CUDA): bytes = 2 x size (read + write)."""
     n_bytes = COPY_BYTES_CUDA if settings.device.type == "cuda" else COPY_BYTES_CPU
     gen = torch.Generator(device=settings.device).manual_seed(settings.seed)
     src = torch.empty(n_bytes // 2, dtype=torch.bfloat16, device=settings.device).normal_(generator=gen)
     dst = torch.empty_like(src)
     dst.copy_(src)  # warm
-    time_ms = _common.median_time_ms(
-        lambda: dst.copy_(src), settings.device, warmup_ms=settings.warmup_ms, rep_ms=settings.rep_ms,
-        min_reps=settings.min_reps, cpu_reps=settings.cpu_reps,
-    )  # fmt: skip
+    time_ms = settings.median_ms(lambda: dst.copy_(src))
     moved = 2 * n_bytes
-    return {"buffer_bytes": n_bytes, "dtype": "bfloat16", "bytes_moved": moved, "time_ms": time_ms,
-            "gbps": moved / (time_ms * 1e-3) / 1e9}  # fmt: skip
+    gbps = moved / (time_ms * 1e-3) / 1e9
+    return {"buffer_bytes": n_bytes, "dtype": "bfloat16", "bytes_moved": moved, "time_ms": time_ms, "gbps": gbps}
 
 
-def _new_entry(name: str, cfg: Config, direction: str, settings: Settings) -> dict:
-    family = op_family(cfg.op)
-    return {
-        "config": asdict(cfg),
-        "direction": direction,
-        "impl": name,
-        "status": "not run",
-        "time_ms": None,
-        "gbps": None,
-        "pct_of_copy": None,
-        "bytes": traffic_bytes(cfg, direction, settings.dtype.itemsize),
-        "bytes_formula": BYTES_FORMULAS[(family, direction)],
-        "peak_gib": None,
-        "parity_rel_diff": None,
-        "speedup_vs_torch_eager": None,
-        "speedup_vs_liger": None,
-        "note": None,
-        "warnings": [],
-    }
+# --------------------------------------------------------------------------------------------------
+# The benchmark: entries, cells, bandwidth shares and targets, report
+# --------------------------------------------------------------------------------------------------
 
 
-def _rel_diff(outputs: tuple, reference: tuple) -> float:
-    """Worst relative L2 difference over the tensors (computed in fp32)."""
-    worst = 0.0
-    for out, ref in zip(outputs, reference, strict=True):
-        ref32 = ref.detach().float()
-        diff = torch.linalg.vector_norm(out.detach().float() - ref32).item()
-        worst = max(worst, diff / max(torch.linalg.vector_norm(ref32).item(), 1e-30))
-    return worst
+class Elementwise(_common.KernelBenchmark):
+    name = "elementwise"
+    title = "Elementwise ops (RoPE, RMSNorm, SwiGLU / GeGLU), forward and backward"
+    description = "RoPE / RMSNorm / SwiGLU / GeGLU forward and backward (see bench_elementwise.py docstring)"
+    all_impls = IMPLS
+    directions = DIRECTIONS
+    rate = ("gbps", "bytes", 1e9, "GB/s")
 
+    def smoke_skips(self) -> dict[str, str]:
+        return {"torch_compile": "--smoke does not compile (minutes per shape on CPU); name it with --impl to run it"}
 
-def _warm_call(step: Callable, entry: dict, device: torch.device) -> tuple:
-    """First call: compiles / autotunes; its result is kept for the parity check (warnings recorded)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = step()
-        _common.synchronize(device)
-    entry["warnings"] = list(dict.fromkeys(str(w.message).splitlines()[0][:200] for w in caught))[:3]
-    return result
+    def setup(self) -> None:
+        """The copy bandwidth every GB/s is a share of, measured first in the same run."""
+        self.copy = copy = measure_copy_bandwidth(self.settings)
+        _common.release_memory(self.settings.device)
+        mib = copy["buffer_bytes"] >> 20
+        print(f"copy bandwidth: {copy['gbps']:.1f} GB/s ({mib} MiB bf16, {copy['time_ms']:.4f} ms)", flush=True)
 
+    def entry_fields(self, name: str, cfg: Config, direction: str) -> dict:
+        return {
+            "pct_of_copy": None,
+            "bytes": traffic_bytes(cfg, direction, self.settings.dtype.itemsize),
+            "bytes_formula": BYTES_FORMULAS[(op_family(cfg.op), direction)],
+            "speedup_vs_torch_eager": None,
+            "speedup_vs_liger": None,
+        }
 
-def _measure(name: str, step: Callable, entry: dict, result: tuple, ref: dict, settings: Settings) -> None:
-    """Parity of `result` against fastsft's (or store it, for fastsft), then time and peak memory."""
-    key = entry["direction"]
-    if name == "fastsft":
-        ref[key] = tuple(r.detach() for r in result)
-    elif ref.get(key) is not None:
-        try:
-            entry["parity_rel_diff"] = _rel_diff(result, ref[key])
-        except Exception as exc:  # a layout mismatch is worth a note, not the measurement
-            entry["warnings"].append(f"parity not computed: {_common.classify_failure(exc)}")
-    del result
-    entry["time_ms"] = _common.median_time_ms(
-        step, settings.device, warmup_ms=settings.warmup_ms, rep_ms=settings.rep_ms,
-        min_reps=settings.min_reps, cpu_reps=settings.cpu_reps,
-    )  # fmt: skip
-    entry["peak_gib"] = _common.peak_memory_gib(step, settings.device)
-    entry["gbps"] = entry["bytes"] / (entry["time_ms"] * 1e-3) / 1e9
-    entry["status"] = "ok"
-
-
-def run_cell(name: str, cfg: Config, settings: Settings, ref: dict) -> list[dict]:
-    """One implementation on one config, forward then backward; failures become the entries' status."""
-    entries = [_new_entry(name, cfg, direction, settings) for direction in DIRECTIONS]
-    inputs = runner = outputs = None
-    try:
-        # Fresh inputs per implementation: Liger overwrites some of its inputs (see the docstring).
-        inputs = make_inputs(cfg, settings)
-        runner = FACTORIES[name](cfg, inputs, settings)
-    except Unavailable as exc:
-        for entry in entries:
-            entry["status"] = f"skipped: {exc}"
-        return entries
-    except Exception as exc:
-        for entry in entries:
-            entry["status"] = _common.classify_failure(exc)
-        inputs = runner = None
-        _common.release_memory(settings.device)
-        return entries
-    fwd_entry, bwd_entry = entries
-    fwd_entry["note"] = bwd_entry["note"] = runner.note
-    try:
-        result = runner.canonical(_warm_call(runner.forward, fwd_entry, settings.device))
-        _measure(name, runner.forward, fwd_entry, result, ref, settings)
-    except Exception as exc:  # an OOM or a broken baseline must not end the sweep
-        fwd_entry["status"] = _common.classify_failure(exc)
-    try:
-        outputs = runner.forward()  # one recorded graph, differentiated again and again
+    def build(self, name: str, cfg: Config, shared: None) -> _common.Cell:
+        """fwd: one forward with autograd recording; bwd: torch.autograd.grad of one recorded forward,
+        again and again (retain_graph)."""
+        inputs = make_inputs(cfg, self.settings)  # fresh per implementation: Liger overwrites some inputs
+        runner = FACTORIES[name](cfg, inputs, self.settings)
         grad_outputs = runner.grad_outputs if runner.grad_outputs is not None else inputs.grad_outputs
 
-        def backward() -> tuple:
-            return torch.autograd.grad(outputs, inputs.leaves, grad_outputs, retain_graph=True)
+        def backward_step() -> _common.Step:
+            outputs = runner.forward()  # the graph every timed call differentiates
 
-        result = _warm_call(backward, bwd_entry, settings.device)
-        _measure(name, backward, bwd_entry, result, ref, settings)
-    except Exception as exc:
-        bwd_entry["status"] = _common.classify_failure(exc)
-    inputs = runner = outputs = None  # drops the graph and the closures' references before the next cell
-    _common.release_memory(settings.device)
-    return entries
+            def backward() -> tuple:
+                return torch.autograd.grad(outputs, inputs.leaves, grad_outputs, retain_graph=True)
 
+            return _common.Step(backward)
 
-def _ratio(num: dict | None, den: dict | None) -> float | None:
-    """num's time over den's, both measured; None otherwise."""
-    if not num or not den or num.get("time_ms") is None or not den.get("time_ms"):
-        return None
-    return num["time_ms"] / den["time_ms"]
+        return _common.Cell(runner.note, [_common.Step(runner.forward, runner.canonical), backward_step])
 
+    def derive(self, cfg: Config, entries: list[dict]) -> list[dict]:
+        """Per direction: every entry's share of the copy bandwidth and speedups (the baseline's time over its
+        own), and fastsft's two DESIGN targets (met: None unless on a GPU: CPU times say nothing)."""
+        derived = []
+        for direction in DIRECTIONS:
+            by_impl = {e["impl"]: e for e in entries if e["direction"] == direction}
+            for entry in by_impl.values():
+                if entry["gbps"] is not None:
+                    entry["pct_of_copy"] = 100.0 * entry["gbps"] / self.copy["gbps"]
+                entry["speedup_vs_torch_eager"] = _common.ratio(by_impl.get("torch_eager"), entry)
+                entry["speedup_vs_liger"] = _common.ratio(by_impl.get("liger"), entry)
+            fast = by_impl.get("fastsft")
+            values = {
+                "pct_of_copy": fast["pct_of_copy"] if fast else None,
+                "time_vs_liger": _common.ratio(fast, by_impl.get("liger")),
+            }
+            targets = {}
+            for key, target in TARGETS.items():
+                value = values[key]
+                judged = value is not None and self.on_gpu
+                met = _common.meets(value, target["rule"], target["limit"]) if judged else None
+                targets[key] = {**target, "value": value, "met": met}
+            derived.append({
+                "config": asdict(cfg),
+                "direction": direction,
+                "fastsft_pct_of_copy": values["pct_of_copy"],
+                "fastsft_over_liger_time": values["time_vs_liger"],
+                "targets": targets,
+            })
+        return derived
 
-def derive(cfg: Config, entries: list[dict], copy_gbps: float, judge: bool) -> list[dict]:
-    """Per direction: every entry's share of the copy bandwidth and speedups (the baseline's time over its
-    own), and fastsft's two DESIGN targets (met: None unless `judge`, i.e. on a GPU: CPU times say nothing)."""
-    derived = []
-    for direction in DIRECTIONS:
-        by_impl = {e["impl"]: e for e in entries if e["direction"] == direction}
-        for entry in by_impl.values():
-            if entry["gbps"] is not None:
-                entry["pct_of_copy"] = 100.0 * entry["gbps"] / copy_gbps
-            entry["speedup_vs_torch_eager"] = _ratio(by_impl.get("torch_eager"), entry)
-            entry["speedup_vs_liger"] = _ratio(by_impl.get("liger"), entry)
-        fast = by_impl.get("fastsft")
-        values = {"pct_of_copy": fast["pct_of_copy"] if fast else None,
-                  "time_vs_liger": _ratio(fast, by_impl.get("liger"))}  # fmt: skip
-        targets = {}
-        for key, target in TARGETS.items():
-            value = values[key]
-            met = None if value is None or not judge else (value >= target["limit"] if target["rule"] == ">=" else
-                                              value < target["limit"])  # fmt: skip
-            targets[key] = {**target, "value": value, "met": met}
-        derived.append({"config": asdict(cfg), "direction": direction, "fastsft_pct_of_copy": values["pct_of_copy"],
-                        "fastsft_over_liger_time": values["time_vs_liger"], "targets": targets})  # fmt: skip
-    return derived
+    def settings_fields(self) -> dict:
+        configs = self.configs
+        sweep = {
+            "tokens": list(dict.fromkeys(c.tokens for c in configs)),
+            "models": list(dict.fromkeys(c.model for c in configs)),
+        }
+        ops = list(dict.fromkeys(c.op for c in configs))
+        return {"element_size": self.settings.dtype.itemsize, "eps": EPS, "ops": ops, "sweep": sweep}
 
+    def payload_fields(self) -> dict:
+        formulas = {f"{family} {direction}": f for (family, direction), f in BYTES_FORMULAS.items()}
+        return {"copy_bandwidth": self.copy, "bytes_formulas": formulas, "targets": TARGETS}
 
-def _progress(entry: dict) -> str:
-    cfg = Config(**entry["config"])
-    parts = [f"{cfg.label():<52}", entry["direction"], f"{entry['impl']:<14}", entry["status"]]
-    if entry["time_ms"] is not None:
-        parts.append(f"{entry['time_ms']:9.4f} ms  {entry['gbps']:8.1f} GB/s")
-    if entry["parity_rel_diff"] is not None:
-        parts.append(f"rel.diff {entry['parity_rel_diff']:.1e}")
-    return "  ".join(parts)
+    def summary_lines(self, payload: dict) -> list[str]:
+        s, copy = payload["settings"], payload["copy_bandwidth"]
+        formulas = [f"  - {family} {direction}: `{f}`" for (family, direction), f in BYTES_FORMULAS.items()]
+        return [
+            f"- inputs: {s['dtype']}, random (seed {s['seed']}), eps {s['eps']:g}; timing: {_common.timing_line(s)}",
+            f"- copy bandwidth (same run): {copy['gbps']:.1f} GB/s — `dst.copy_(src)`, "
+            f"{copy['buffer_bytes'] >> 20} MiB bf16, bytes = 2 x size, {copy['time_ms']:.4f} ms",
+            "- GB/s = the op's minimum traffic (the same bytes for every implementation; e = activation element "
+            "size, rstd fp32) / time; fwd = one forward with autograd recording, bwd = `torch.autograd.grad` of "
+            "one recorded forward (all input gradients). × vs X = X's time / this row's time (> 1: this row is "
+            "faster).",
+            *formulas,
+            "- targets (DESIGN.md): fastsft ≥ 80% of the copy bandwidth and faster than Liger, forward and "
+            "backward (stated for RoPE, RMSNorm, SwiGLU; applied to their siblings too). ✓ / ✗ where measured "
+            "on a GPU.",
+        ]
 
+    def sections(self, payload: dict) -> list[tuple[str, list[str]]]:
+        return [
+            ("Every measurement", [self.main_table(payload)]),
+            ("fastsft against the targets", [_targets_table(payload)]),
+        ]
 
-def run_sweep(configs: list[Config], impls: list[str], settings: Settings, copy_gbps: float):
-    """(results, derived, the configs measured): every config in turn until SIGTERM (the caller's time limit)."""
-    results, derived = [], []
+    def main_table(self, payload: dict) -> str:
+        headers = ["op", "dir", "model", "shape", "impl", "ms", "GB/s", "% of copy", "× vs torch_eager"]
+        headers += ["× vs liger", "peak GiB", "rel. diff to fastsft"]
+        rows = []
+        for e in payload["results"]:
+            cfg = Config(**e["config"])
+            head = [cfg.op, e["direction"], cfg.model, cfg.shape(), e["impl"]]
+            if e["status"] != "ok":
+                rows.append([*head, _common.short_status(e["status"]), *[None] * 6])
+                continue
+            rows.append([
+                *head,
+                _common.num(e["time_ms"], ".4f"),
+                _common.sig3(e["gbps"]),
+                _common.sig3(e["pct_of_copy"]),
+                _common.num(e["speedup_vs_torch_eager"], ".2f"),
+                _common.num(e["speedup_vs_liger"], ".2f"),
+                _common.num(e["peak_gib"], ".3f"),
+                "(ref)" if e["impl"] == "fastsft" else _common.num(e["parity_rel_diff"], ".1e"),
+            ])
+        return _common.markdown_table(headers, rows)
 
-    def run_one(cfg: Config) -> None:
-        ref: dict = {}  # fastsft's outputs and gradients on this config's inputs (parity reference)
-        entries = []
-        for name in impls:
-            cell = run_cell(name, cfg, settings, ref)
-            for entry in cell:
-                print(_progress(entry), flush=True)
-            entries += cell
-        del ref
-        _common.release_memory(settings.device)
-        derived.extend(derive(cfg, entries, copy_gbps, judge=settings.device.type == "cuda"))
-        results.extend(entries)
+    def panels(self, payload: dict) -> list[list[_common.BarPanel]]:
+        """One row per op, fwd and bwd side by side: % of copy bandwidth, groups = shapes, bars = implementations."""
+        impls, grid = payload["settings"]["impls"], []
+        for op in payload["settings"]["ops"]:
+            row = []
+            for direction in DIRECTIONS:
+                entries = [e for e in payload["results"] if e["config"]["op"] == op and e["direction"] == direction]
+                configs = list(dict.fromkeys(Config(**e["config"]) for e in entries))
+                if not configs:
+                    continue
+                by_cell = {(Config(**e["config"]), e["impl"]): e for e in entries}
+                groups = [f"{c.model}\nT={c.tokens}" for c in configs]
+                series = {name: [by_cell[(c, name)]["pct_of_copy"] for c in configs] for name in impls}
+                marks = _common.failure_marks(((n, i), by_cell[(c, n)]) for i, c in enumerate(configs) for n in impls)
+                row.append(_common.BarPanel(f"{op} {direction}", "% of copy bandwidth", groups, series, False, marks))
+            if row:
+                grid.append(row)
+        return grid
 
-    done = _common.sweep_until_out_of_time(configs, run_one)
-    return results, derived, done
-
-
-# --------------------------------------------------------------------------------------------------
-# Report: markdown tables and plot
-# --------------------------------------------------------------------------------------------------
-
-
-def _short_status(entry: dict) -> str:
-    return entry["status"].split(":")[0]
-
-
-def _num(value: float | None, fmt: str) -> str | None:
-    return None if value is None or not math.isfinite(value) else format(value, fmt)
-
-
-def _sig3(value: float | None) -> str | None:
-    """Three significant digits without an exponent (GB/s spans 0.001 on a CPU smoke run to 3000 on a GPU)."""
-    if value is None or not math.isfinite(value):
-        return None
-    digits = 2 - math.floor(math.log10(abs(value))) if value else 0
-    return f"{value:.{max(0, digits)}f}"
+    def plot_subject(self, payload: dict) -> str:
+        return f"elementwise ops, effective bandwidth as % of copy ({payload['copy_bandwidth']['gbps']:.0f} GB/s)"
 
 
 def _target_cell(target: dict) -> str:
     if target["value"] is None:
         return ""
-    mark = "" if target["met"] is None else (" ✓" if target["met"] else " ✗")
-    return _sig3(target["value"]) + mark
-
-
-def _main_table(payload: dict) -> str:
-    headers = ["op", "dir", "model", "shape", "impl", "ms", "GB/s", "% of copy", "× vs torch_eager", "× vs liger",
-               "peak GiB", "rel. diff to fastsft"]  # fmt: skip
-    rows = []
-    for e in payload["results"]:
-        cfg = Config(**e["config"])
-        head = [cfg.op, e["direction"], cfg.model, cfg.shape(), e["impl"]]
-        if e["status"] != "ok":
-            rows.append([*head, _short_status(e), *[None] * 6])
-            continue
-        rows.append([
-            *head, _num(e["time_ms"], ".4f"), _sig3(e["gbps"]), _sig3(e["pct_of_copy"]),
-            _num(e["speedup_vs_torch_eager"], ".2f"), _num(e["speedup_vs_liger"], ".2f"), _num(e["peak_gib"], ".3f"),
-            "(ref)" if e["impl"] == "fastsft" else _num(e["parity_rel_diff"], ".1e"),
-        ])  # fmt: skip
-    return _common.markdown_table(headers, rows)
+    return _common.sig3(target["value"]) + _common.check_mark(target["met"])
 
 
 def _targets_table(payload: dict) -> str:
     limits = {key: t["limit"] for key, t in TARGETS.items()}
-    headers = ["op", "dir", "model", "shape", f"fastsft % of copy (≥ {limits['pct_of_copy']:g})",
-               f"fastsft / liger time (< {limits['time_vs_liger']:g})"]  # fmt: skip
+    headers = ["op", "dir", "model", "shape", f"fastsft % of copy (≥ {limits['pct_of_copy']:g})"]
+    headers.append(f"fastsft / liger time (< {limits['time_vs_liger']:g})")
     rows = []
     for d in payload["derived"]:
-        cfg = Config(**d["config"])
-        targets = d["targets"]
-        rows.append([cfg.op, d["direction"], cfg.model, cfg.shape(), _target_cell(targets["pct_of_copy"]),
-                     _target_cell(targets["time_vs_liger"])])  # fmt: skip
+        cfg, targets = Config(**d["config"]), d["targets"]
+        pct, liger = _target_cell(targets["pct_of_copy"]), _target_cell(targets["time_vs_liger"])
+        rows.append([cfg.op, d["direction"], cfg.model, cfg.shape(), pct, liger])
     return _common.markdown_table(headers, rows)
-
-
-def render_markdown(payload: dict) -> str:
-    meta, s, copy = payload["metadata"], payload["settings"], payload["copy_bandwidth"]
-    if s["device"] == "cuda":
-        timing = (f"triton.testing.do_bench median (warmup {s['warmup_ms']:g} ms, repetitions over at least "
-                  f"{s['rep_ms']:g} ms and {s['min_reps']} calls, L2 flushed between calls)")  # fmt: skip
-    else:
-        timing = f"time.perf_counter median of {s['cpu_reps']} calls (smoke run without CUDA: no speed data)"
-    formulas = [f"  - {family} {direction}: `{formula}`" for (family, direction), formula in BYTES_FORMULAS.items()]
-    parts = [
-        "# Elementwise ops (RoPE, RMSNorm, SwiGLU / GeGLU), forward and backward",
-        "",
-        *_common.metadata_lines(meta),
-        f"- inputs: {s['dtype']}, random (seed {s['seed']}), eps {s['eps']:g}; timing: {timing}",
-        f"- copy bandwidth (same run): {copy['gbps']:.1f} GB/s — `dst.copy_(src)`, "
-        f"{copy['buffer_bytes'] >> 20} MiB bf16, bytes = 2 x size, {copy['time_ms']:.4f} ms",
-        "- GB/s = the op's minimum traffic (the same bytes for every implementation; e = activation element size, "
-        "rstd fp32) / time; fwd = one forward with autograd recording, bwd = `torch.autograd.grad` of one "
-        "recorded forward (all input gradients). × vs X = X's time / this row's time (> 1: this row is faster).",
-        *formulas,
-        "- targets (DESIGN.md): fastsft ≥ 80% of the copy bandwidth and faster than Liger, forward and backward "
-        "(stated for RoPE, RMSNorm, SwiGLU; applied to their siblings too). ✓ / ✗ where measured on a GPU.",
-        "",
-        "## Every measurement",
-        "",
-        _main_table(payload),
-        "",
-        "## fastsft against the targets",
-        "",
-        _targets_table(payload),
-        "",
-        "## Implementations",
-        "",
-        *_common.implementation_notes(payload),
-        "",
-    ]
-    return "\n".join(parts)
-
-
-def _is_failure(status: str) -> bool:
-    """Statuses the plot marks where the bar would be (not those of a baseline that is not installed)."""
-    return status == "oom" or status.startswith("error")
-
-
-def _panels(payload: dict) -> list[list[_common.BarPanel]]:
-    """One row per op, fwd and bwd side by side: % of copy bandwidth, groups = shapes, bars = implementations."""
-    impls, grid = payload["settings"]["impls"], []
-    for op in payload["settings"]["ops"]:
-        row = []
-        for direction in DIRECTIONS:
-            entries = [e for e in payload["results"] if e["config"]["op"] == op and e["direction"] == direction]
-            configs = list(dict.fromkeys(Config(**e["config"]) for e in entries))
-            if not configs:
-                continue
-            by_cell = {(Config(**e["config"]), e["impl"]): e for e in entries}
-            groups = [f"{c.model}\nT={c.tokens}" for c in configs]
-            series = {name: [by_cell[(c, name)]["pct_of_copy"] for c in configs] for name in impls}
-            marks = {(name, i): _short_status(by_cell[(c, name)]) for i, c in enumerate(configs) for name in impls
-                     if _is_failure(by_cell[(c, name)]["status"])}  # fmt: skip
-            row.append(_common.BarPanel(f"{op} {direction}", "% of copy bandwidth", groups, series, False, marks))
-        if row:
-            grid.append(row)
-    return grid
-
-
-def write_outputs(payload: dict, out_dir: Path) -> list[Path]:
-    meta, s = payload["metadata"], payload["settings"]
-    title = (f"elementwise ops, effective bandwidth as % of copy ({payload['copy_bandwidth']['gbps']:.0f} GB/s): "
-             f"{meta['gpu']}, {s['dtype']}, git {meta['git_revision']}")  # fmt: skip
-    return _common.write_result_files(payload, out_dir, render_markdown(payload), _panels(payload), title)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -766,22 +599,17 @@ def write_outputs(payload: dict, out_dir: Path) -> list[Path]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="RoPE / RMSNorm / SwiGLU / GeGLU fwd and bwd: fastsft vs torch eager, torch.compile, Liger.",
-        epilog="Writes elementwise_<gpu>_<date>.{json,md,png} into --out.",
+    parser = _common.argument_parser(
+        "elementwise", "RoPE / RMSNorm / SwiGLU / GeGLU fwd and bwd: fastsft vs torch eager, torch.compile, Liger."
     )
     parser.add_argument("--op", nargs="+", choices=OPS, help="ops to run (default all)")
     parser.add_argument("--tokens", type=int, nargs="+", help=f"tokens T (default {' '.join(map(str, FULL_TOKENS))})")
     parser.add_argument(
         "--model", nargs="+", choices=FULL_MODELS, help=f"model shapes (default {' '.join(FULL_MODELS)})"
     )
-    parser.add_argument("--impl", nargs="+", choices=IMPLS, help="implementations to run (default all)")
-    parser.add_argument("--quick", action="store_true", help="T=16384, Llama-3-8B shapes (+ Qwen3 q/k-norm)")
-    _common.add_run_options(parser)
+    _common.add_run_options(parser, IMPLS, "T=16384, Llama-3-8B shapes (+ Qwen3 q/k-norm)")
     args = parser.parse_args(argv)
-    for tokens in args.tokens or ():
-        if tokens < 1:
-            parser.error(f"--tokens values must be >= 1, got {tokens}")
+    _common.check_values(parser, "--tokens", args.tokens, lambda t: t >= 1, ">= 1")
     return args
 
 
@@ -811,76 +639,9 @@ def make_configs(args: argparse.Namespace) -> list[Config]:
     return configs
 
 
-def make_settings(args: argparse.Namespace) -> Settings:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        # Tiny smoke shapes: one thread. Several (OpenMP pools of torch and of torch.compile's kernels)
-        # spin against each other on a small machine and turn 0.2 ms calls into 50 ms ones.
-        torch.set_num_threads(1)
-    dtype = torch.float32 if args.smoke else torch.bfloat16
-    skip_compile = None
-    if args.smoke and not (args.impl and "torch_compile" in args.impl):
-        skip_compile = "--smoke does not compile (minutes per shape on CPU); name it with --impl to run it"
-    return Settings(device, dtype, args.smoke, args.seed, args.warmup_ms, args.rep_ms, args.min_reps, skip_compile)
-
-
-def build_payload(configs, impls, settings, copy, results, derived) -> dict:
-    return {
-        "benchmark": "elementwise",
-        "description": "RoPE / RMSNorm / SwiGLU / GeGLU forward and backward (see bench_elementwise.py docstring)",
-        "metadata": _common.collect_metadata(),
-        "settings": {
-            "device": settings.device.type,
-            "dtype": str(settings.dtype).removeprefix("torch."),
-            "element_size": settings.dtype.itemsize,
-            "smoke": settings.smoke,
-            "seed": settings.seed,
-            "warmup_ms": settings.warmup_ms,
-            "rep_ms": settings.rep_ms,
-            "min_reps": settings.min_reps,
-            "cpu_reps": settings.cpu_reps,
-            "eps": EPS,
-            "impls": impls,
-            "ops": list(dict.fromkeys(c.op for c in configs)),
-            "sweep": {
-                "tokens": list(dict.fromkeys(c.tokens for c in configs)),
-                "models": list(dict.fromkeys(c.model for c in configs)),
-            },
-        },
-        "copy_bandwidth": copy,
-        "bytes_formulas": {f"{family} {direction}": f for (family, direction), f in BYTES_FORMULAS.items()},
-        "targets": TARGETS,
-        "results": results,
-        "derived": derived,
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available() and not args.smoke:
-        print(
-            "bench_elementwise.py needs a CUDA GPU (none is visible to torch). Run it on a GPU machine, or pass "
-            "--smoke for a tiny CPU run through the Triton interpreter that checks the script only.",
-            file=sys.stderr,
-        )
-        return 2
-    settings = make_settings(args)
-    configs = make_configs(args)
-    impls = [name for name in IMPLS if args.impl is None or name in args.impl]
-    print(f"{len(configs)} configs x {len(impls)} implementations x fwd/bwd on {_common.gpu_name()}, {settings.dtype}")
-    copy = measure_copy_bandwidth(settings)
-    _common.release_memory(settings.device)
-    print(f"copy bandwidth: {copy['gbps']:.1f} GB/s ({copy['buffer_bytes'] >> 20} MiB bf16, {copy['time_ms']:.4f} ms)")
-    results, derived, done = run_sweep(configs, impls, settings, copy["gbps"])
-    payload = build_payload(configs, impls, settings, copy, results, derived)  # the sweep asked for
-    payload["configs_not_run"] = [c.label() for c in configs[len(done) :]]  # out of time
-    if not done:  # stopped before the first config completed
-        print("wrote " + ", ".join(str(p) for p in _common.write_json_only(payload, args.out)))
-        return 0
-    paths = write_outputs(payload, args.out)
-    print("\n" + _main_table(payload) + "\n")
-    print("wrote " + ", ".join(str(p) for p in paths))
-    return 0
+    return Elementwise(args, make_configs(args)).run()
 
 
 if __name__ == "__main__":
