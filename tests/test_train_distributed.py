@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from fastsft.data import prepare_dataset
 from fastsft.data.packing import pack_documents
+from fastsft.train import build, evaluation, loop
 from fastsft.train import checkpoint as ckpt
-from fastsft.train import loop
 from fastsft.train.config import load_config
 from fastsft.train.synthetic import synthetic_records
 from fastsft.train.tiny import tiny_tokenizer
@@ -102,8 +102,8 @@ def one_process(one_process_runs):
 
 
 def _one_process(run_dir: Path, cache: Path, extra: tuple[str, ...]) -> Path:
-    saved = loop.SYNTHETIC_TRAIN_RECORDS, loop.SYNTHETIC_EVAL_RECORDS, loop.EXACT_MATCH_ITEMS
-    loop.SYNTHETIC_TRAIN_RECORDS, loop.SYNTHETIC_EVAL_RECORDS, loop.EXACT_MATCH_ITEMS = (
+    saved = build.SYNTHETIC_TRAIN_RECORDS, build.SYNTHETIC_EVAL_RECORDS, evaluation.EXACT_MATCH_ITEMS
+    build.SYNTHETIC_TRAIN_RECORDS, build.SYNTHETIC_EVAL_RECORDS, evaluation.EXACT_MATCH_ITEMS = (
         TRAIN_RECORDS,
         EVAL_RECORDS,
         ITEMS,
@@ -112,7 +112,7 @@ def _one_process(run_dir: Path, cache: Path, extra: tuple[str, ...]) -> Path:
         config = load_config(None, overrides(run_dir, cache, "distributed.grad_accum=2", *extra))
         loop.train(config, log=lambda *_: None)
     finally:
-        loop.SYNTHETIC_TRAIN_RECORDS, loop.SYNTHETIC_EVAL_RECORDS, loop.EXACT_MATCH_ITEMS = saved
+        build.SYNTHETIC_TRAIN_RECORDS, build.SYNTHETIC_EVAL_RECORDS, evaluation.EXACT_MATCH_ITEMS = saved
     return run_dir
 
 
@@ -205,8 +205,8 @@ def test_the_weightless_copy_fsdp_shards_matches_the_real_model(tmp_path, lora):
     tiny_model(seed=3).save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
     config = load_config(None, [f"model.name_or_path={model_dir}", f"lora.enabled={str(lora).lower()}"])
-    real, _ = loop._build_model(config)
-    skeleton, tokenizer = loop._build_model(config, device="meta")
+    real, _ = build.build_model(config)
+    skeleton, tokenizer = build.build_model(config, device="meta")
     shapes = {name: p.shape for name, p in real.named_parameters()}
     assert {name: p.shape for name, p in skeleton.named_parameters()} == shapes
     assert {name for name, _ in skeleton.named_buffers()} == {name for name, _ in real.named_buffers()}

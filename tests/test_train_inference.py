@@ -14,21 +14,24 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import fastsft
 from fastsft.cli import main
 from fastsft.data import PackedLoader
+from fastsft.train import build, evaluation, inference, loop
 from fastsft.train import checkpoint as ckpt
-from fastsft.train import inference, loop
 from fastsft.train.config import load_config
 from fastsft.train.synthetic import exact_match_items
 from fastsft.train.tiny import tiny_model, tiny_tokenizer
 
-SMALL_SYNTHETIC = {"SYNTHETIC_TRAIN_RECORDS": 200, "SYNTHETIC_EVAL_RECORDS": 40, "EXACT_MATCH_ITEMS": 6}
+EXACT_MATCH_ITEMS = 6
+# (module, name, value): the built-in synthetic data shrunk
+SMALL_SYNTHETIC = [(build, "SYNTHETIC_TRAIN_RECORDS", 200), (build, "SYNTHETIC_EVAL_RECORDS", 40),
+                   (evaluation, "EXACT_MATCH_ITEMS", EXACT_MATCH_ITEMS)]
 CPU = torch.device("cpu")
 
 
 def _train(run_dir, *overrides):
     """A real checkpoint from 4 steps of `fastsft train` on a shrunken synthetic task (~4 s on 2 cores)."""
     with pytest.MonkeyPatch.context() as mp:
-        for name, value in SMALL_SYNTHETIC.items():
-            mp.setattr(loop, name, value)
+        for module, name, value in SMALL_SYNTHETIC:
+            mp.setattr(module, name, value)
         config = load_config(None, [
             f"output_dir={run_dir}", f"data.cache_dir={run_dir / 'cache'}", "schedule.max_steps=4",
             "packing.max_tokens=512", "data.max_seq_len=256", "logging.progress_bar=false",
@@ -66,8 +69,8 @@ def chatty_checkpoint(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def small_synthetic(monkeypatch):
-    for name, value in SMALL_SYNTHETIC.items():  # eval reads the sizes at call time, as the run did
-        monkeypatch.setattr(loop, name, value)
+    for module, name, value in SMALL_SYNTHETIC:  # eval reads the sizes at call time, as the run did
+        monkeypatch.setattr(module, name, value)
 
 
 def _greedy(model, tokenizer, messages, max_new_tokens):
@@ -251,17 +254,17 @@ def test_eval_reports_the_held_out_loss_of_evaluate_loss(full_checkpoint, tmp_pa
     model = tiny_model(seed=123)  # every weight comes from the checkpoint
     ckpt.load_model_weights(model, full_checkpoint)
     fastsft.patch(model)
-    _, eval_data = loop._datasets(config, tokenizer)
+    _, eval_data = build.datasets(config, tokenizer)
     loader = PackedLoader(eval_data, max_tokens=config.packing.max_tokens)
-    expected = loop.evaluate_loss(model, loader, CPU, None, config.eval.max_batches)
+    expected = evaluation.evaluate_loss(model, loader, CPU, None, config.eval.max_batches)
     assert report["loss"] == pytest.approx(expected, rel=1e-6)
     run_loss = json.loads((full_checkpoint.parent / "result.json").read_text())["eval_loss"]
     assert report["loss"] == pytest.approx(run_loss, rel=1e-6)  # what the run itself reported at its end
     assert report["micro_batches"] == config.eval.max_batches
     assert f"{expected:.4f}" in printed
 
-    items = exact_match_items(SMALL_SYNTHETIC["EXACT_MATCH_ITEMS"], seed=config.seed + 1)
-    expected_match, _ = loop.exact_match(model, tokenizer, items, CPU)
+    items = exact_match_items(EXACT_MATCH_ITEMS, seed=config.seed + 1)
+    expected_match, _ = evaluation.exact_match(model, tokenizer, items)
     assert report["exact_match"] == expected_match and report["exact_match_items"] == len(items)
 
 

@@ -9,8 +9,9 @@ import torch
 
 import fastsft
 from fastsft.data import PackedLoader, build_micro_batch, prepare_dataset
+from fastsft.train import build, evaluation, loop
 from fastsft.train import checkpoint as ckpt
-from fastsft.train import loop
+from fastsft.train import step as step_module
 from fastsft.train.config import load_config
 from fastsft.train.synthetic import synthetic_records
 from fastsft.train.tiny import tiny_model, tiny_tokenizer
@@ -37,9 +38,9 @@ def small_config(tmp_path, *overrides):
 
 @pytest.fixture(autouse=True)
 def small_synthetic(monkeypatch):
-    monkeypatch.setattr(loop, "SYNTHETIC_TRAIN_RECORDS", 300)
-    monkeypatch.setattr(loop, "SYNTHETIC_EVAL_RECORDS", 40)
-    monkeypatch.setattr(loop, "EXACT_MATCH_ITEMS", 8)
+    monkeypatch.setattr(build, "SYNTHETIC_TRAIN_RECORDS", 300)
+    monkeypatch.setattr(build, "SYNTHETIC_EVAL_RECORDS", 40)
+    monkeypatch.setattr(evaluation, "EXACT_MATCH_ITEMS", 8)
 
 
 def test_accumulated_micro_batches_give_the_one_big_batch_gradient(tmp_path):
@@ -53,7 +54,7 @@ def test_accumulated_micro_batches_give_the_one_big_batch_gradient(tmp_path):
     grads = []
     for batches in (step, [build_micro_batch(data, torch.cat([torch.from_numpy(mb.doc_ids) for mb in step]))]):
         model = fastsft.patch(tiny_model(seed=0))
-        loss, _, supervised = loop._forward_backward(model, batches, device, None)
+        loss, _, supervised = step_module.forward_backward(model, batches, device, None)
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7, msg=name)
@@ -63,7 +64,7 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     uninterrupted = loop.train(small_config(tmp_path / "a"), log=lambda *_: None)
     assert len(uninterrupted.losses) == 12
 
-    original = loop._forward_backward
+    original = step_module.forward_backward
     calls = []
 
     def crash_on_step_nine(*args, **kwargs):
@@ -72,10 +73,10 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # killed after checkpoint-6 was written
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "_forward_backward", crash_on_step_nine)
+    monkeypatch.setattr(step_module, "forward_backward", crash_on_step_nine)
     with pytest.raises(KeyboardInterrupt):
         loop.train(small_config(tmp_path / "b"), log=lambda *_: None)
-    monkeypatch.setattr(loop, "_forward_backward", original)
+    monkeypatch.setattr(step_module, "forward_backward", original)
     assert [p.name for p in ckpt.checkpoints(tmp_path / "b" / "run")] == ["checkpoint-6"]
 
     resumed = loop.train(small_config(tmp_path / "b"), log=lambda *_: None)
@@ -107,14 +108,14 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_intact(tmp_path, mo
 
 
 def test_non_finite_gradients_skip_steps_then_stop_with_a_clear_message(tmp_path, monkeypatch):
-    original = loop._forward_backward
+    original = step_module.forward_backward
 
     def poisoned(model, *args, **kwargs):
         result = original(model, *args, **kwargs)
         next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("nan"))
         return result
 
-    monkeypatch.setattr(loop, "_forward_backward", poisoned)
+    monkeypatch.setattr(step_module, "forward_backward", poisoned)
     config = small_config(tmp_path, "nan_guard.max_skipped_steps=2")
     with pytest.raises(FloatingPointError, match=r"3 steps in a row had non-finite.*nan_guard.max_skipped_steps=2"):
         loop.train(config, log=lambda *_: None)
@@ -123,7 +124,7 @@ def test_non_finite_gradients_skip_steps_then_stop_with_a_clear_message(tmp_path
 def test_the_nan_guard_counts_consecutive_skips(tmp_path, monkeypatch):
     """Every other step poisoned: 6 skips in all but never 2 in a row, so max_skipped_steps=1 lets it finish
     (with the skipped steps counted and the good steps' updates applied)."""
-    original = loop._forward_backward
+    original = step_module.forward_backward
     calls = []
 
     def every_other(model, *args, **kwargs):
@@ -133,7 +134,7 @@ def test_the_nan_guard_counts_consecutive_skips(tmp_path, monkeypatch):
             next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("inf"))
         return result
 
-    monkeypatch.setattr(loop, "_forward_backward", every_other)
+    monkeypatch.setattr(step_module, "forward_backward", every_other)
     result = loop.train(small_config(tmp_path, "nan_guard.max_skipped_steps=1"), log=lambda *_: None)
     assert result.steps == 12 and result.skipped_steps == 6
     untrained = tiny_model(seed=0)
@@ -213,14 +214,14 @@ def test_a_local_model_directory_with_jsonl_data_trains_like_the_preset(tmp_path
 def test_activation_checkpointing_and_bf16_autocast(tmp_path, monkeypatch):
     """Recomputing activations changes no number (fp32); bf16 autocast (fp32 master weights) tracks fp32."""
     checkpointing = {}
-    original = loop._forward_backward
+    original = step_module.forward_backward
 
     def spy(model, *args, **kwargs):
         new_name = hasattr(type(model), "is_activation_checkpointing")  # transformers >= 5.x
         checkpointing[current] = model.is_activation_checkpointing if new_name else model.is_gradient_checkpointing
         return original(model, *args, **kwargs)
 
-    monkeypatch.setattr(loop, "_forward_backward", spy)
+    monkeypatch.setattr(step_module, "forward_backward", spy)
     runs = {}
     variants = {"plain": [], "ckpt": ["model.activation_checkpointing=true"], "bf16": ["model.dtype=bf16"]}
     for current, extra in variants.items():
@@ -269,14 +270,14 @@ def test_resuming_applies_the_configs_optimizer_settings(tmp_path):
     resumed = small_config(tmp_path, "schedule.max_steps=8", "schedule.kind=constant", "optimizer.lr=1e-5",
                            "optimizer.weight_decay=0.1")  # fmt: skip
     seen = []
-    original = loop._forward_backward
+    original = step_module.forward_backward
 
     def spy(model, *args, **kwargs):
         seen.append([(group["lr"], group["weight_decay"]) for group in optimizer_of[0].param_groups])
         return original(model, *args, **kwargs)
 
     optimizer_of = []
-    original_optimizer = loop._optimizer
+    original_optimizer = build.optimizer
 
     def capture(*args, **kwargs):
         optimizer_of.append(original_optimizer(*args, **kwargs))
@@ -285,8 +286,8 @@ def test_resuming_applies_the_configs_optimizer_settings(tmp_path):
     import unittest.mock
 
     with (
-        unittest.mock.patch.object(loop, "_forward_backward", spy),
-        unittest.mock.patch.object(loop, "_optimizer", capture),
+        unittest.mock.patch.object(step_module, "forward_backward", spy),
+        unittest.mock.patch.object(build, "optimizer", capture),
     ):
         loop.train(resumed, log=lambda *_: None)
     assert len(seen) == 2
@@ -329,7 +330,7 @@ def test_eval_runs_once_per_step_and_counts_are_recorded(tmp_path):
 
 def test_weight_decay_skips_norms_and_biases(tmp_path):
     model = fastsft.patch(tiny_model(seed=0))
-    optimizer = loop._optimizer(model, small_config(tmp_path, "optimizer.weight_decay=0.1"), torch.device("cpu"))
+    optimizer = build.optimizer(model, small_config(tmp_path, "optimizer.weight_decay=0.1"), torch.device("cpu"))
     decayed, plain = optimizer.param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
@@ -354,15 +355,15 @@ def test_exact_match_renders_prompts_with_the_runs_template(monkeypatch):
     model = tiny_model(seed=0)
     prompts = []
 
-    def fake_generate(ids, **kwargs):
-        prompts.append(tokenizer.decode(ids[0]))
+    def fake_generate(input_ids, **kwargs):
+        prompts.append(tokenizer.decode(input_ids[0]))
         assert 3 in kwargs["eos_token_id"]  # <|im_end|> stops the reply
-        return ids
+        return input_ids
 
     monkeypatch.setattr(model, "generate", fake_generate)
     template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant] "
     items = [([{"role": "user", "content": "Spell backwards: abc."}], "cba")]
-    loop.exact_match(model, tokenizer, items, torch.device("cpu"), chat_template=template)
+    evaluation.exact_match(model, tokenizer, items, chat_template=template)
     assert prompts == ["[user] Spell backwards: abc.\n[assistant] "]
 
 
@@ -373,11 +374,11 @@ def test_the_loop_generates_with_the_runs_template(tmp_path, monkeypatch):
     )
     calls = []
 
-    def spy(model, tokenizer, items, device, max_new_tokens=12, chat_template=None):
+    def spy(model, tokenizer, items, *, max_new_tokens=12, chat_template=None):
         calls.append(chat_template)
         return 0.0, [""] * len(items)
 
-    monkeypatch.setattr(loop, "exact_match", spy)
+    monkeypatch.setattr(evaluation, "exact_match", spy)
     config = small_config(tmp_path, "schedule.max_steps=2", "eval.exact_match=true", f"data.chat_template={template}")
     loop.train(config, log=lambda *_: None)
     assert calls == [template, template]  # before and after training
@@ -454,7 +455,7 @@ def test_the_step_normaliser_reaches_the_model_as_an_integer(monkeypatch):
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(model, "forward", spy)
-    loop._forward_backward(model, step, torch.device("cpu"), None)
+    step_module.forward_backward(model, step, torch.device("cpu"), None)
     assert [(n.dtype, int(n)) for n in seen] == [(torch.int64, sum(mb.num_supervised for mb in step))] * len(step)
 
 

@@ -5,7 +5,8 @@
     result = evaluate_checkpoint("runs/x/checkpoint-2000", config)       # held-out loss (+ exact match)
     merge_lora("runs/x/checkpoint-2000", "merged/")                      # plain HF model, no PEFT needed
 
-These are what `fastsft generate | eval | merge` run (fastsft/cli.py).
+These are what `fastsft generate | chat | eval | merge` run (fastsft/cli.py): this module holds the CLI verbs
+only; models are loaded through build.py, replies come from generation.py, scores from evaluation.py.
 
 A checkpoint is a directory holding either full weights (config.json + model*.safetensors, as written by
 `fastsft train` or `merge_lora`, or any local HF model directory) or a PEFT LoRA adapter (adapter_config.json
@@ -28,9 +29,29 @@ import torch
 
 import fastsft
 
+from . import build, evaluation
 from . import checkpoint as ckpt
+from .build import resolve_dtype
+from .generation import end_of_turn_id, generate_reply, render_prompt, stop_token_ids
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+__all__ = [
+    "CheckpointError",
+    "CheckpointInfo",
+    "EvalResult",
+    "chat",
+    "default_device",
+    "end_of_turn_id",
+    "evaluate_checkpoint",
+    "generate_reply",
+    "inspect_checkpoint",
+    "load_checkpoint",
+    "merge_lora",
+    "render_prompt",
+    "resolve_dtype",
+    "run_chat_template",
+    "run_config_path",
+    "stop_token_ids",
+]
 
 
 class CheckpointError(ValueError):
@@ -71,18 +92,6 @@ def default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """The weights dtype for `dtype`: "auto" or None is bf16 on a CUDA device that supports it (inference needs
-    no fp32 master weights), else fp32; "fp32", "bf16", "fp16" or a torch.dtype as given."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be auto, {', '.join(_DTYPES)} or a torch.dtype, got {dtype!r}")
-    return _DTYPES[dtype]
-
-
 def _peft(path: Path):
     try:
         import peft
@@ -93,16 +102,7 @@ def _peft(path: Path):
 
 def _load_full(path: Path, *, trust_remote_code: bool = False):
     """AutoModelForCausalLM (fp32) + AutoTokenizer from a local HF directory, safetensors only."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=torch.float32
-        )
-    except Exception as exc:  # OSError, ValueError, a size mismatch, a truncated safetensors file, ...
-        raise CheckpointError(f"{path}: cannot be loaded as a Hugging Face causal LM: {ckpt.first_line(exc)}") from exc
-    return model, tokenizer
+    return build.load_pretrained(path, trust_remote_code=trust_remote_code, error=CheckpointError)
 
 
 def _load_base(info: CheckpointInfo, base: str | os.PathLike | None, *, trust_remote_code: bool = False):
@@ -118,10 +118,8 @@ def _load_base(info: CheckpointInfo, base: str | os.PathLike | None, *, trust_re
     else:
         source = "given with --base"
     if os.fspath(base) == "tiny":
-        from .tiny import tiny_model, tiny_tokenizer
-
         # The preset's weights are a pure function of the seed: this rebuilds the exact base of the run.
-        return tiny_model(seed=int(info.meta.get("seed", 0))), tiny_tokenizer(), "tiny"
+        return *build.load_tiny(int(info.meta.get("seed", 0))), "tiny"
     base_dir = Path(base)
     if not base_dir.is_dir():
         raise CheckpointError(
@@ -189,98 +187,6 @@ def load_checkpoint(
 # --------------------------------------------------------------------------------------------------
 # Generation
 # --------------------------------------------------------------------------------------------------
-
-
-def stop_token_ids(model, tokenizer, prompt: str, chat_template: str | None = None) -> list[int]:
-    """Every id that ends a reply: the generation config's EOS ids, the tokenizer's EOS, the end-of-turn
-    token the chat template puts after a reply (what fastsft.data trains the model to emit: <|eot_id|> for
-    Llama 3, <end_of_turn> for Gemma, which a base model's EOS is not), and ChatML's <|im_end|> when the
-    prompt is ChatML."""
-    ids: list[int] = []
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    candidates = [*(eos if isinstance(eos, (list, tuple)) else [eos]), tokenizer.eos_token_id]
-    candidates.append(end_of_turn_id(tokenizer, chat_template))
-    if "<|im_end|>" in prompt:
-        im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
-            candidates.append(im_end)
-    for value in candidates:
-        if value is not None and int(value) not in ids:
-            ids.append(int(value))
-    return ids
-
-
-def end_of_turn_id(tokenizer, chat_template: str | None = None) -> int | None:
-    """The special token the chat template writes right after an assistant reply (whitespace aside), or None
-    when it writes plain text there. Found by rendering a one-turn chat around a sentinel reply."""
-    from fastsft.data.templates import resolve_chat_template, special_token_ids
-
-    sentinel = "fastsftreplysentinel"
-    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": sentinel}]
-    try:
-        template = resolve_chat_template(tokenizer, chat_template)
-        text = tokenizer.apply_chat_template(messages, tokenize=False, chat_template=template)
-    except Exception:  # a template that refuses this conversation: rely on the EOS ids
-        return None
-    at = text.rfind(sentinel)
-    if at < 0:
-        return None
-    specials = special_token_ids(tokenizer)
-    for token in tokenizer(text[at + len(sentinel) :], add_special_tokens=False)["input_ids"]:
-        if token in specials:
-            return int(token)
-        if tokenizer.decode([token]).strip():  # text before any special token: no end-of-turn token
-            return None
-    return None
-
-
-def render_prompt(tokenizer, messages: list[dict], chat_template: str | None = None) -> str:
-    """The conversation rendered with the chat template the model was trained with, ending in the assistant's
-    generation prompt: `chat_template` (the run's data.chat_template), else the tokenizer's, else ChatML."""
-    from fastsft.data.templates import resolve_chat_template
-
-    template = resolve_chat_template(tokenizer, chat_template)
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, chat_template=template)
-
-
-@torch.no_grad()
-def generate_reply(
-    model,
-    tokenizer,
-    messages: list[dict],
-    *,
-    max_new_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    chat_template: str | None = None,
-) -> str:
-    """The assistant's next reply to `messages` ([{"role", "content"}, ...], ending with a user turn).
-
-    temperature 0 is greedy decoding (deterministic); > 0 samples with that temperature and nucleus `top_p`
-    (seed torch for reproducible samples). The reply is decoded without special tokens and stops at EOS or
-    after `max_new_tokens` tokens."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}")
-    prompt = render_prompt(tokenizer, messages, chat_template)
-    device = next(model.parameters()).device
-    # The rendered template already carries its BOS: add_special_tokens=False keeps it from being doubled.
-    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=device)
-    stop = stop_token_ids(model, tokenizer, prompt, chat_template)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
-    if not sampling:
-        sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}  # silence sampling warnings
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop[0] if stop else None)
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_new_tokens,
-        eos_token_id=stop or None,
-        pad_token_id=pad,
-        **sampling,
-    )
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def chat(
@@ -381,16 +287,6 @@ def run_chat_template(checkpoint: str | os.PathLike) -> str | None:
         return None  # a config this version cannot read: fall back to the tokenizer's template
 
 
-def _eval_dataset(config, tokenizer, source: str):
-    """The held-out dataset exactly as `fastsft train` prepares it (loop.data_settings), without also
-    tokenizing the training set."""
-    from fastsft.data import prepare_dataset
-
-    from . import loop
-
-    return prepare_dataset(loop.data_source(config, source, "heldout"), tokenizer, **loop.data_settings(config))
-
-
 def evaluate_checkpoint(checkpoint: str | os.PathLike, config, *, base=None, device=None) -> EvalResult:
     """Held-out loss of a checkpoint on `config`'s data.eval (data.eval "auto" means synthetic when data.train
     is) and, when that is the synthetic data and eval.exact_match is on, exact match of greedy replies.
@@ -401,9 +297,6 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, config, *, base=None, dev
     """
     from fastsft.data import PackedLoader
 
-    from . import loop
-    from .synthetic import exact_match_items
-
     source = config.data.eval_source
     if source is None:
         raise CheckpointError(
@@ -412,17 +305,13 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, config, *, base=None, dev
         )
     device = torch.device(device) if device is not None else default_device()
     model, tokenizer, _, _ = _load_unpatched(checkpoint, base=base, trust_remote_code=config.model.trust_remote_code)
-    kernels = config.kernels
-    fastsft.patch(model, rms_norm=kernels.rms_norm, rope=kernels.rope, swiglu=kernels.swiglu,
-                  attention=kernels.attention, cross_entropy=kernels.cross_entropy)  # fmt: skip
+    build.patch(model, config.kernels)
     model.to(device)  # fp32 weights, as in training: the loss is the one the run reported
     model.eval()
-    compute = loop._compute_dtype(config, device)
-    autocast = compute if compute != torch.float32 else None
-
-    data = _eval_dataset(config, tokenizer, source)
+    data = build.eval_dataset(config, tokenizer, source)
     loader = PackedLoader(data, max_tokens=config.packing.max_tokens)
-    loss = loop.evaluate_loss(model, loader, device, autocast, config.eval.max_batches)
+    loss = evaluation.evaluate_loss(model, loader, device, build.autocast_dtype(config, device),
+                                    config.eval.max_batches)
     available = len(loader.schedule(0).packing)
     result = EvalResult(
         checkpoint=os.fspath(checkpoint),
@@ -431,10 +320,10 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, config, *, base=None, dev
         perplexity=math.exp(loss) if loss is not None and loss < 700 else (math.inf if loss is not None else None),
         micro_batches=available if config.eval.max_batches is None else min(config.eval.max_batches, available),
     )
-    if source == "synthetic" and config.eval.exact_match:
-        items = exact_match_items(loop.EXACT_MATCH_ITEMS, seed=config.seed + 1)  # the run's items (loop.train)
-        result.exact_match, predictions = loop.exact_match(model, tokenizer, items, device,
-                                                           chat_template=config.data.chat_template)  # fmt: skip
+    items = evaluation.exact_match_items_for(config)  # the run's items
+    if items:
+        result.exact_match, predictions = evaluation.exact_match(model, tokenizer, items,
+                                                                 chat_template=config.data.chat_template)
         result.exact_match_items = len(items)
         for (messages, answer), predicted in list(zip(items, predictions, strict=True))[: config.eval.samples]:
             result.samples.append({"question": messages[-1]["content"], "expected": answer, "generated": predicted})
@@ -498,7 +387,7 @@ def merge_lora(
         merged.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         meta = {"base_model": base_name, "seed": info.meta.get("seed"), "lora": False,
-                "merged_from": os.fspath(info.path), "fastsft_version": fastsft.__version__}  # fmt: skip
+                "merged_from": os.fspath(info.path), "fastsft_version": fastsft.__version__}
         (staging / ckpt.META_FILE).write_text(json.dumps(meta, indent=1))
         if output_dir.exists():
             retired = output_dir.parent / f".{output_dir.name}.retired-{os.getpid()}"
