@@ -37,6 +37,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -129,9 +130,7 @@ def gpu_slug(name: str) -> str:
 
 
 def _git(*args: str) -> str:
-    done = subprocess.run(
-        ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30, check=True
-    )
+    done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30, check=True)
     return done.stdout.strip()
 
 
@@ -264,6 +263,23 @@ def classify_failure(exc: BaseException) -> str:
     return f"error: {type(exc).__name__}: {text[:160]}"
 
 
+@contextmanager
+def failures_as_status(*records: dict):
+    """Within the block, an exception becomes the status of every one of `records` and goes no further:
+    Unavailable -> "skipped: <why>", any other Exception -> classify_failure ("oom", "error: ..."). OutOfTime,
+    a BaseException, still passes: the caller's time is up."""
+    try:
+        yield
+    except Unavailable as exc:
+        status = f"skipped: {exc}"
+    except Exception as exc:  # an OOM or a broken baseline must not end the run
+        status = classify_failure(exc)
+    else:
+        return
+    for record in records:
+        record["status"] = status
+
+
 def warning_lines(caught: Iterable[warnings.WarningMessage]) -> list[str]:
     """The first three distinct warnings of a call, the first line of each (200 characters at most)."""
     lines = ((str(w.message).splitlines() or [""])[0][:200] for w in caught)
@@ -325,7 +341,7 @@ def meets(value: float, rule: str, limit: float) -> bool:
 
 
 def check_mark(met: bool | None) -> str:
-    """" ✓" / " ✗" after a value checked against its target, nothing where the target was not checked."""
+    """The mark after a value checked against its target: " ✓" met, " ✗" missed, "" not checked."""
     return "" if met is None else (" ✓" if met else " ✗")
 
 
@@ -842,25 +858,17 @@ class KernelBenchmark:
     def run_cell(self, name: str, cfg, shared, ref: dict) -> list[dict]:
         """One implementation on one config, every direction; failures become the entries' status."""
         entries = self.new_entries(name, cfg)
-        cell = status = None
-        try:
+        cell = None
+        with failures_as_status(*entries):  # one that cannot even be set up fails its own entries only
             if name in self.settings.skip:
                 raise Unavailable(self.settings.skip[name])
             cell = self.build(name, cfg, shared)
-        except Unavailable as exc:
-            status = f"skipped: {exc}"
-        except Exception as exc:  # a baseline that cannot even be set up must not end the sweep
-            status = classify_failure(exc)
-        if cell is None:
-            for entry in entries:
-                entry["status"] = status
-            release_memory(self.settings.device)
-            return entries
-        for entry, step in zip(entries, cell.steps, strict=True):
-            entry["note"] = cell.note
-            self.measure(entry, step, ref)
-            release_memory(self.settings.device)
-        cell = None  # drops the steps' closures (graphs, inputs) before the next cell
+        if cell is not None:
+            for entry, step in zip(entries, cell.steps, strict=True):
+                entry["note"] = cell.note
+                self.measure(entry, step, ref)
+                release_memory(self.settings.device)
+            cell = None  # drops the steps' closures (graphs, inputs) before the next cell
         release_memory(self.settings.device)
         return entries
 
@@ -868,31 +876,28 @@ class KernelBenchmark:
         """Fill one entry: warm call (warnings recorded), parity against the reference's outputs (or store
         them, for the reference), time, peak memory, rate; a failure becomes its status."""
         device = self.settings.device
-        try:
+        with failures_as_status(entry):
             if not isinstance(step, Step):
                 step = step()
-            with warnings.catch_warnings(record=True) as caught:  # the first call compiles / autotunes
-                warnings.simplefilter("always")
-                outputs = as_tuple(step.call())
-                synchronize(device)
-            entry["warnings"] = warning_lines(caught)
-            if outputs is not None and step.canonical is not None:
-                outputs = step.canonical(outputs)
-            self.record_outputs(entry, outputs)
-            self.compare(entry, outputs, ref)
-            del outputs
-            entry["time_ms"] = self.settings.median_ms(step.call)
-            entry["peak_gib"] = peak_memory_gib(step.call, device, before=step.reset)
-            key, amount, unit, _ = self.rate
-            entry[key] = entry[amount] / (entry["time_ms"] * 1e-3) / unit
-            entry["status"] = "ok"
-        except Unavailable as exc:
-            entry["status"] = f"skipped: {exc}"
-        except Exception as exc:  # an OOM or a broken baseline must not end the sweep
-            entry["status"] = classify_failure(exc)
-        finally:
-            if isinstance(step, Step) and step.reset is not None:
-                step.reset()
+            try:
+                with warnings.catch_warnings(record=True) as caught:  # the first call compiles / autotunes
+                    warnings.simplefilter("always")
+                    outputs = as_tuple(step.call())
+                    synchronize(device)
+                entry["warnings"] = warning_lines(caught)
+                if outputs is not None and step.canonical is not None:
+                    outputs = step.canonical(outputs)
+                self.record_outputs(entry, outputs)
+                self.compare(entry, outputs, ref)
+                del outputs
+                entry["time_ms"] = self.settings.median_ms(step.call)
+                entry["peak_gib"] = peak_memory_gib(step.call, device, before=step.reset)
+                key, amount, unit, _ = self.rate
+                entry[key] = entry[amount] / (entry["time_ms"] * 1e-3) / unit
+                entry["status"] = "ok"
+            finally:
+                if step.reset is not None:
+                    step.reset()
 
     @staticmethod
     def compare(entry: dict, outputs: tuple | None, ref: dict) -> None:

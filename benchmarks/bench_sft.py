@@ -137,29 +137,68 @@ SEED = 0
 # Shapes
 # --------------------------------------------------------------------------------------------------
 
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 SHAPES = {
     "llama-3.2-1b": (
         transformers.LlamaConfig,
-        dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-             num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
-             rms_norm_eps=1e-5, rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True,
-             bos_token_id=128000, eos_token_id=128001),
+        dict(
+            vocab_size=128256,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=64,
+            max_position_embeddings=131072,
+            rms_norm_eps=1e-5,
+            rope_parameters=LLAMA3_ROPE,
+            tie_word_embeddings=True,
+            bos_token_id=128000,
+            eos_token_id=128001,
+        ),
     ),
     "qwen3-0.6b": (
         transformers.Qwen3Config,
-        dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-             num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-             rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-             tie_word_embeddings=True, use_sliding_window=False, bos_token_id=151643, eos_token_id=151645),
+        dict(
+            vocab_size=151936,
+            hidden_size=1024,
+            intermediate_size=3072,
+            num_hidden_layers=28,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=128,
+            max_position_embeddings=40960,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+            tie_word_embeddings=True,
+            use_sliding_window=False,
+            bos_token_id=151643,
+            eos_token_id=151645,
+        ),
     ),
-}  # fmt: skip
+}
 # --dry-run: the same families at a size the Triton interpreter steps through in about two seconds. A hotter
 # init than HF's 0.02 gives logits of order 1, so the loss depends on every layer: a kernel that went wrong (or
 # attended across documents) moves the parity run's losses by percents, not by less than fp32's resolution.
-TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=1, head_dim=32, bos_token_id=1, eos_token_id=2, initializer_range=0.1)  # fmt: skip
+TINY = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=32,
+    bos_token_id=1,
+    eos_token_id=2,
+    initializer_range=0.1,
+)
 
 
 def model_config(shape: str, dry_run: bool):
@@ -206,17 +245,22 @@ class Row:
 
 
 ROWS = {
-    "hf_padded": Row("padded", "HF unpatched, sdpa, micro-batches of data.padded_batch examples right-padded "
-                               "+ attention_mask"),
-    "hf_packed": Row("flattened", "HF unpatched, sdpa, one packed row per micro-batch (DataCollatorWithFlattening "
-                                  "position_ids), use_cache=False"),
-    "hf_packed_liger": Row("flattened", "hf_packed + Liger-Kernel (RoPE, RMSNorm, SwiGLU, fused linear CE)",
-                           liger=True),
-    "fastsft": Row("fastsft", "fastsft.patch(model) + fastsft.data packing + the loop's _forward_backward",
-                   attention="fastsft"),
+    "hf_padded": Row(
+        "padded", "HF unpatched, sdpa, micro-batches of data.padded_batch examples right-padded + attention_mask"
+    ),
+    "hf_packed": Row(
+        "flattened",
+        "HF unpatched, sdpa, one packed row per micro-batch (DataCollatorWithFlattening position_ids), use_cache=False",
+    ),
+    "hf_packed_liger": Row(
+        "flattened", "hf_packed + Liger-Kernel (RoPE, RMSNorm, SwiGLU, fused linear CE)", liger=True
+    ),
+    "fastsft": Row(
+        "fastsft", "fastsft.patch(model) + fastsft.data packing + the loop's _forward_backward", attention="fastsft"
+    ),
     "fastsft_torch": Row("fastsft", "fastsft with attention='torch' (torch varlen_attn)", attention="torch"),
     "fastsft_flash_attn": Row("fastsft", "fastsft with attention='flash_attn' (flash-attn)", attention="flash_attn"),
-}  # fmt: skip
+}
 LIGER_APPLY = {"llama": "apply_liger_kernel_to_llama", "qwen3": "apply_liger_kernel_to_qwen3"}
 
 
@@ -248,8 +292,11 @@ def restored_module(module):
     """Undo what Liger rebinds at module level (apply_rotary_pos_emb, the RMSNorm / MLP classes, class
     forwards), so that the rows and the parity run after a Liger row see transformers' own code."""
     saved = dict(vars(module))
-    classes = {name: dict(vars(obj)) for name, obj in saved.items()
-               if isinstance(obj, type) and obj.__module__ == module.__name__}  # fmt: skip
+    classes = {
+        name: dict(vars(obj))
+        for name, obj in saved.items()
+        if isinstance(obj, type) and obj.__module__ == module.__name__
+    }
     try:
         yield
     finally:
@@ -275,8 +322,9 @@ def apply_liger(model, stack: ExitStack) -> str:
     name = LIGER_APPLY.get(model.config.model_type)
     if name is None or not hasattr(liger, name):
         raise RuntimeError(f"this liger-kernel has no {name or model.config.model_type} patch")
-    getattr(liger, name)(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                         fused_linear_cross_entropy=True, model=model)  # fmt: skip
+    getattr(liger, name)(
+        rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True, model=model
+    )
     version = _common.package_version(*_common.PACKAGES["liger_kernel"])
     return f"liger_kernel.transformers.{name}(model=...) {version}"
 
@@ -524,24 +572,16 @@ def make_step_fn(row: Row, model, optimizer, ctx: Context):
     return step_fn, skipped
 
 
-def timed(fn, device: torch.device) -> tuple[float, object]:
-    """(seconds, result) of one call, device work included."""
-    _common.synchronize(device)
-    start = time.perf_counter()
-    result = fn()
-    _common.synchronize(device)
-    return time.perf_counter() - start, result
-
-
-def measure(entry: dict, step_fn, layouts: list, steps: list[Step], ctx: Context, budget: Budget,
-            row_end: float) -> None:  # fmt: skip
+def measure(
+    entry: dict, step_fn, layouts: list, steps: list[Step], ctx: Context, budget: Budget, row_end: float
+) -> None:
     """Warm-up steps, then timed steps until the row's share is spent; fills `entry`."""
     device, losses, warm = ctx.device, [], []
     for i in range(ctx.warmup_steps):
         if budget.left(budget.end) <= 0:
             entry["status"] = "out of time"
             break
-        seconds, loss = timed(lambda i=i: step_fn(layouts[i], steps[i]), device)
+        seconds, loss = _common.timed(lambda i=i: step_fn(layouts[i], steps[i]), device)
         warm.append(seconds)
         losses.append(loss)
     entry.update(warmup_steps=len(warm), warmup_s=sum(warm), warmup_step_s=warm)
@@ -562,7 +602,7 @@ def measure(entry: dict, step_fn, layouts: list, steps: list[Step], ctx: Context
         share_spent = len(times) >= ctx.min_timed_steps and budget.left(row_end) < expected
         if share_spent or budget.left(budget.end) < expected:
             break
-        seconds, loss = timed(lambda i=i: step_fn(layouts[i], steps[i]), device)
+        seconds, loss = _common.timed(lambda i=i: step_fn(layouts[i], steps[i]), device)
         times.append(seconds)
         losses.append(loss)
     entry["losses"] = [float(x) for x in losses]
@@ -609,16 +649,40 @@ def fill_throughput(entry: dict, steps: list[Step], times: list[float], ctx: Con
 def new_entry(shape: str, name: str) -> dict:
     row = ROWS[name]
     return {
-        "shape": shape, "row": name, "status": "not run", "description": row.description, "note": None,
-        "attention": row.attention or "sdpa", "patch": None, "fastsft_backend": None,
-        "build_s": None, "warmup_steps": 0, "warmup_s": None, "warmup_step_s": [],
-        "timed_steps": 0, "step_time_s": None, "step_time_s_median": None, "step_times_s": [],
-        "tokens": None, "supervised_tokens": None, "input_tokens": None, "padding_share": None,
+        "shape": shape,
+        "row": name,
+        "status": "not run",
+        "description": row.description,
+        "note": None,
+        "attention": row.attention or "sdpa",
+        "patch": None,
+        "fastsft_backend": None,
+        "build_s": None,
+        "warmup_steps": 0,
+        "warmup_s": None,
+        "warmup_step_s": [],
+        "timed_steps": 0,
+        "step_time_s": None,
+        "step_time_s_median": None,
+        "step_times_s": [],
+        "tokens": None,
+        "supervised_tokens": None,
+        "input_tokens": None,
+        "padding_share": None,
         "micro_batches_per_step": None,
-        "tokens_per_s": None, "supervised_tokens_per_s": None, "tflops_per_s": None, "mfu": None, "mfu_loop": None,
-        "static_gib": None, "peak_gib": None, "skipped_steps": 0, "losses": [], "warnings": [],
-        "vs_hf_padded": None, "vs_hf_packed_liger": None,
-    }  # fmt: skip
+        "tokens_per_s": None,
+        "supervised_tokens_per_s": None,
+        "tflops_per_s": None,
+        "mfu": None,
+        "mfu_loop": None,
+        "static_gib": None,
+        "peak_gib": None,
+        "skipped_steps": 0,
+        "losses": [],
+        "warnings": [],
+        "vs_hf_padded": None,
+        "vs_hf_packed_liger": None,
+    }
 
 
 def layouts_for(row: Row, data: InstructionData, steps: list[Step], spec: DataSpec) -> list:
@@ -643,8 +707,11 @@ def prepare_model(row: Row, config, ctx: Context, stack: ExitStack, entry: dict)
     elif row.layout == "fastsft":
         fastsft.patch(model, attention=row.attention)
         report = model.fastsft_report
-        entry["patch"] = {"summary": str(report), "patched": dict(report.patched),
-                          "attention_implementation": report.attention_implementation}  # fmt: skip
+        entry["patch"] = {
+            "summary": str(report),
+            "patched": dict(report.patched),
+            "attention_implementation": report.attention_implementation,
+        }
         compute = torch.empty(0, device=ctx.device, dtype=ctx.autocast_dtype or torch.float32)
         entry["fastsft_backend"] = select_backend("varlen_attention", compute)  # what the patched ops dispatch to
     return model
@@ -653,10 +720,8 @@ def prepare_model(row: Row, config, ctx: Context, stack: ExitStack, entry: dict)
 def run_row(shape: str, name: str, config, data, steps, ctx: Context, budget: Budget, row_end: float) -> dict:
     """Build, warm up and time one row; a failure becomes the entry's status, never an exception."""
     entry = new_entry(shape, name)
-    try:
+    with _common.failures_as_status(entry):
         _row_body(entry, ROWS[name], config, data, steps, ctx, budget, row_end)
-    except Exception as exc:  # an OOM or a broken baseline must not end the benchmark
-        entry["status"] = _common.classify_failure(exc)
     # The model, optimizer and batches lived in _row_body's frame (and the traceback's): gone now.
     _common.release_memory(ctx.device)
     return entry
@@ -676,7 +741,7 @@ def _row_body(entry: dict, row: Row, config, data, steps, ctx: Context, budget: 
             measure(entry, step_fn, layouts, steps, ctx, budget, row_end)
         finally:
             entry["skipped_steps"] = skipped[0]
-            entry["warnings"] = list(dict.fromkeys(str(w.message).splitlines()[0][:200] for w in caught))[:3]
+            entry["warnings"] = _common.warning_lines(caught)
 
 
 def progress(entry: dict) -> str:
@@ -686,8 +751,10 @@ def progress(entry: dict) -> str:
     if entry["warmup_s"] is not None:
         parts.append(f"warm-up {entry['warmup_steps']} steps {entry['warmup_s']:.1f}s")
     if entry["tokens_per_s"] is not None:
-        parts.append(f"{entry['timed_steps']} timed steps, {entry['step_time_s']:.3f} s/step, "
-                     f"{entry['tokens_per_s']:,.0f} tokens/s")  # fmt: skip
+        parts.append(
+            f"{entry['timed_steps']} timed steps, {entry['step_time_s']:.3f} s/step, "
+            f"{entry['tokens_per_s']:,.0f} tokens/s"
+        )
     if entry["mfu"] is not None:
         parts.append(f"MFU {entry['mfu']:.1%}")
     if entry["peak_gib"] is not None:
@@ -706,8 +773,11 @@ def run_rows(shapes: list[str], rows: list[str], ctx: Context, budget: Budget, e
         count = ctx.warmup_steps + ctx.max_timed_steps
         data = step_data(ctx.data, config.vocab_size, count, ctx.data.micro_batch_tokens, ctx.data.grad_accum, SEED)
         steps = make_steps(data, ctx.data, count, counter, SEED)
-        log(budget, f"{shape}: {count} steps of ~{np.mean([s.tokens for s in steps]):,.0f} tokens "
-                    f"({len(data)} examples in the pool)")  # fmt: skip
+        log(
+            budget,
+            f"{shape}: {count} steps of ~{np.mean([s.tokens for s in steps]):,.0f} tokens "
+            f"({len(data)} examples in the pool)",
+        )
         for name in rows:
             if reasons[name] is not None:
                 entry = new_entry(shape, name)
@@ -748,13 +818,23 @@ def complete(entries: list[dict], shapes: list[str], rows: list[str], device: to
 
 def parity_record(shape: str, requested: int, ctx: Context) -> dict:
     return {
-        "shape": shape, "status": "not run" if requested > 0 else "skipped: --parity-steps 0", "steps": 0,
-        "steps_requested": requested, "micro_batch_tokens": ctx.data.parity_micro_batch_tokens,
-        "max_rel_diff": None, "max_rel_diff_step": None, "mean_rel_diff": None, "final_rel_diff": None,
-        "losses_hf": [], "losses_fastsft": [], "rel_diff": [], "time_s": None, "patch": None,
+        "shape": shape,
+        "status": "not run" if requested > 0 else "skipped: --parity-steps 0",
+        "steps": 0,
+        "steps_requested": requested,
+        "micro_batch_tokens": ctx.data.parity_micro_batch_tokens,
+        "max_rel_diff": None,
+        "max_rel_diff_step": None,
+        "mean_rel_diff": None,
+        "final_rel_diff": None,
+        "losses_hf": [],
+        "losses_fastsft": [],
+        "rel_diff": [],
+        "time_s": None,
+        "patch": None,
         "reference": "unpatched HF model, sdpa, packed rows (position_ids, use_cache=False), shift_labels",
         "plot": None,
-    }  # fmt: skip
+    }
 
 
 def run_parity(record: dict, ctx: Context, budget: Budget) -> None:
@@ -767,10 +847,9 @@ def run_parity(record: dict, ctx: Context, budget: Budget) -> None:
         return
     start = time.perf_counter()
     try:
-        _parity_steps(record, ctx, budget)
-        fill_parity(record)
-    except Exception as exc:
-        record["status"] = _common.classify_failure(exc)
+        with _common.failures_as_status(record):
+            _parity_steps(record, ctx, budget)
+            fill_parity(record)
     finally:
         record["time_s"] = time.perf_counter() - start
     _common.release_memory(ctx.device)
@@ -785,8 +864,10 @@ def _parity_steps(record: dict, ctx: Context, budget: Budget) -> None:
     reference = build_model(config, ctx.device, SEED)
     patched = fastsft.patch(copy.deepcopy(reference))
     record["patch"] = str(patched.fastsft_report)
-    runs = [(model, ctx.optimizer(model), [p for p in model.parameters() if p.requires_grad], curve)
-            for model, curve in ((reference, record["losses_hf"]), (patched, record["losses_fastsft"]))]  # fmt: skip
+    runs = [
+        (model, ctx.optimizer(model), [p for p in model.parameters() if p.requires_grad], curve)
+        for model, curve in ((reference, record["losses_hf"]), (patched, record["losses_fastsft"]))
+    ]
     last = 0.0
     for step, batches in enumerate(loader.steps(0)):
         if step == requested or budget.left(budget.end) < last:
@@ -812,8 +893,12 @@ def fill_parity(record: dict) -> None:
     record.update(steps=n, rel_diff=rel)
     if rel:
         worst = int(np.argmax(rel))
-        record.update(max_rel_diff=rel[worst], max_rel_diff_step=worst + 1, mean_rel_diff=float(np.mean(rel)),
-                      final_rel_diff=rel[-1])  # fmt: skip
+        record.update(
+            max_rel_diff=rel[worst],
+            max_rel_diff_step=worst + 1,
+            mean_rel_diff=float(np.mean(rel)),
+            final_rel_diff=rel[-1],
+        )
     record["status"] = "ok" if n == record["steps_requested"] else "out of time"
 
 
@@ -866,17 +951,13 @@ TARGETS = {  # DESIGN.md, "Performance targets": (comparison, limit)
 }
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
-
 def ratios(entry: dict, base: dict | None) -> dict | None:
     if base is None or base["status"] != "ok" or entry["status"] != "ok":
         return None
     return {
-        "tokens_per_s": _ratio(entry["tokens_per_s"], base["tokens_per_s"]),
-        "step_time": _ratio(entry["step_time_s"], base["step_time_s"]),
-        "peak_memory": _ratio(entry["peak_gib"], base["peak_gib"]),
+        "tokens_per_s": _common.quotient(entry["tokens_per_s"], base["tokens_per_s"]),
+        "step_time": _common.quotient(entry["step_time_s"], base["step_time_s"]),
+        "peak_memory": _common.quotient(entry["peak_gib"], base["peak_gib"]),
     }
 
 
@@ -901,19 +982,17 @@ def derive(entries: list[dict], shapes: list[str], dry_run: bool) -> dict:
             value = values[key]
             met = None
             if value is not None and shape == TARGET_SHAPE and not dry_run:
-                met = value >= limit if op == ">=" else value <= limit
+                met = _common.meets(value, op, limit)
             targets[key] = {"value": value, "op": op, "limit": limit, "applies": shape == TARGET_SHAPE, "met": met}
         ran = [e for e in by_row.values() if e["row"].startswith("fastsft") and e["status"] == "ok"]
         best = max(ran, key=lambda e: e["tokens_per_s"], default=None)
         # Same weights, same first step: the rows' first losses differ only by precision (bf16 on the GPU).
         first = [e["losses"][0] for e in by_row.values() if e["losses"]]
         spread = (max(first) - min(first)) / abs(first[0]) if len(first) > 1 and first[0] else None
-        derived[shape] = {
-            "targets": targets,
-            "first_loss_rel_spread": spread,
-            "fastest_fastsft_attention": None if best is None else
-            {"row": best["row"], "attention": best["attention"], "tokens_per_s": best["tokens_per_s"]},
-        }  # fmt: skip
+        fastest = None
+        if best is not None:
+            fastest = {"row": best["row"], "attention": best["attention"], "tokens_per_s": best["tokens_per_s"]}
+        derived[shape] = {"targets": targets, "first_loss_rel_spread": spread, "fastest_fastsft_attention": fastest}
     return derived
 
 
@@ -922,30 +1001,30 @@ def derive(entries: list[dict], shapes: list[str], dry_run: bool) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
-def _num(value, fmt: str) -> str | None:
-    return None if value is None else format(value, fmt)
-
-
-def _short(status: str) -> str:
-    return status.split(":")[0]
+# The row table's columns after the row's name and status: header -> (an entry's value, format).
+ROW_COLUMNS = {
+    "real tokens/s": (lambda e: e["tokens_per_s"], ",.0f"),
+    "supervised tokens/s": (lambda e: e["supervised_tokens_per_s"], ",.0f"),
+    "step s": (lambda e: e["step_time_s"], ".3f"),
+    "MFU": (lambda e: e["mfu"], ".1%"),
+    "MFU (loop)": (lambda e: e["mfu_loop"], ".1%"),
+    "TFLOP/s": (lambda e: e["tflops_per_s"], ".1f"),
+    "peak GiB": (lambda e: e["peak_gib"], ".1f"),
+    "warm-up s": (lambda e: e["warmup_s"], ".1f"),
+    "x hf_padded tok/s": (lambda e: (e["vs_hf_padded"] or {}).get("tokens_per_s"), ".2f"),
+    "x hf_packed_liger tok/s": (lambda e: (e["vs_hf_packed_liger"] or {}).get("tokens_per_s"), ".2f"),
+    "mem / hf_padded": (lambda e: (e["vs_hf_padded"] or {}).get("peak_memory"), ".2f"),
+    "mem / hf_packed_liger": (lambda e: (e["vs_hf_packed_liger"] or {}).get("peak_memory"), ".2f"),
+    "first loss": (lambda e: e["losses"][0] if e["losses"] else None, ".4f"),
+}
 
 
 def row_table(entries: list[dict]) -> str:
-    headers = ["row", "status", "real tokens/s", "supervised tokens/s", "step s", "MFU", "MFU (loop)",
-               "TFLOP/s", "peak GiB", "warm-up s", "x hf_padded tok/s", "x hf_packed_liger tok/s",
-               "mem / hf_padded", "mem / hf_packed_liger", "first loss"]  # fmt: skip
-    table = []
+    rows = []
     for e in entries:
-        pad, liger = e["vs_hf_padded"] or {}, e["vs_hf_packed_liger"] or {}
-        table.append([
-            e["row"], _short(e["status"]), _num(e["tokens_per_s"], ",.0f"), _num(e["supervised_tokens_per_s"], ",.0f"),
-            _num(e["step_time_s"], ".3f"), _num(e["mfu"], ".1%"), _num(e["mfu_loop"], ".1%"),
-            _num(e["tflops_per_s"], ".1f"), _num(e["peak_gib"], ".1f"), _num(e["warmup_s"], ".1f"),
-            _num(pad.get("tokens_per_s"), ".2f"), _num(liger.get("tokens_per_s"), ".2f"),
-            _num(pad.get("peak_memory"), ".2f"), _num(liger.get("peak_memory"), ".2f"),
-            _num(e["losses"][0] if e["losses"] else None, ".4f"),
-        ])  # fmt: skip
-    return _common.markdown_table(headers, table)
+        cells = [_common.num(value(e), fmt) for value, fmt in ROW_COLUMNS.values()]
+        rows.append([e["row"], _common.short_status(e["status"]), *cells])
+    return _common.markdown_table(["row", "status", *ROW_COLUMNS], rows)
 
 
 def target_lines(derived: dict) -> list[str]:
@@ -953,9 +1032,8 @@ def target_lines(derived: dict) -> list[str]:
     for shape, d in derived.items():
         marks = []
         for key, t in d["targets"].items():
-            mark = "" if t["met"] is None else (" ✓" if t["met"] else " ✗")
             value = "n/a" if t["value"] is None else f"{t['value']:.3g}"
-            marks.append(f"{key} {value} ({t['op']} {t['limit']}){mark}")
+            marks.append(f"{key} {value} ({t['op']} {t['limit']}){_common.check_mark(t['met'])}")
         best = d["fastest_fastsft_attention"]
         if best is not None:
             marks.append(f"fastest fastsft attention: {best['attention']} ({best['tokens_per_s']:,.0f} tokens/s)")
@@ -982,21 +1060,12 @@ def parity_lines(record: dict) -> list[str]:
 
 
 def notes(entries: list[dict]) -> list[str]:
-    lines = []
-    for name in dict.fromkeys(e["row"] for e in entries):
-        rows = [e for e in entries if e["row"] == name]
-        text = ROWS[name].description
-        extra = list(dict.fromkeys(x for e in rows for x in (e["note"], e["patch"] and e["patch"]["summary"]) if x))
-        problems = list(dict.fromkeys(e["status"] for e in rows if e["status"] != "ok"))
-        warned = list(dict.fromkeys(w for e in rows for w in e["warnings"]))[:3]
-        if extra:
-            text += "; " + "; ".join(x.replace("\n", " ") for x in extra)
-        if problems:
-            text += "; statuses: " + "; ".join(f"`{p}`" for p in problems)
-        if warned:
-            text += "; warnings: " + "; ".join(f"`{w}`" for w in warned)
-        lines.append(f"- **{name}**: {text}")
-    return lines
+    """One line per row: its description, Liger's note or fastsft's patch summary, its problems."""
+    names = list(dict.fromkeys(e["row"] for e in entries))
+    lead = {name: ROWS[name].description for name in names}
+    return _common.implementation_notes(
+        entries, names, key="row", lead=lead, details=lambda e: (e["note"], e["patch"] and e["patch"]["summary"])
+    )
 
 
 def render_markdown(payload: dict) -> str:
@@ -1011,7 +1080,7 @@ def render_markdown(payload: dict) -> str:
         f"{data['grad_accum']} per step; hf_padded: {data['padded_batch']} examples per micro-batch",
         f"- timing: {s['warmup_steps']} warm-up steps per row (timed apart), then {s['min_timed_steps']}.."
         f"{s['max_timed_steps']} timed steps within the row's share of the budget; tokens/s count real tokens only",
-        f"- MFU: {s['flops_formula']}; peak {_num(s['peak_tflops'], '.1f') or 'n/a (no GPU)'} TFLOP/s",
+        f"- MFU: {s['flops_formula']}; peak {_common.num(s['peak_tflops'], '.1f') or 'n/a (no GPU)'} TFLOP/s",
         f"- budget {s['budget_s']:.0f} s, used {payload['timing']['total_s']:.1f} s"
         + (" — **dry run: tiny CPU models, no speed data**" if s["dry_run"] else ""),
         "",
@@ -1025,9 +1094,13 @@ def render_markdown(payload: dict) -> str:
             row_table([e for e in payload["results"] if e["shape"] == shape]),
             "",
         ]
-    parts += ["## Targets (DESIGN.md, H100 bf16, fastsft row on llama-3.2-1b)", "", *target_lines(payload["derived"]),
-              "", "## Loss-curve parity: fastsft vs unpatched HF", "", *parity_lines(payload["parity"]), "",
-              "## Rows", "", *notes(payload["results"]), ""]  # fmt: skip
+    sections = [
+        ("Targets (DESIGN.md, H100 bf16, fastsft row on llama-3.2-1b)", target_lines(payload["derived"])),
+        ("Loss-curve parity: fastsft vs unpatched HF", parity_lines(payload["parity"])),
+        ("Rows", notes(payload["results"])),
+    ]
+    for heading, lines in sections:
+        parts += [f"## {heading}", "", *lines, ""]
     return "\n".join(parts)
 
 
@@ -1038,13 +1111,14 @@ def panels(payload: dict) -> list[list[_common.BarPanel]]:
     def series(key):
         return {n: [by[(s, n)][key] for s in shapes] for n in names}
 
-    marks = {(n, i): _short(by[(s, n)]["status"]) for i, s in enumerate(shapes) for n in names
-             if by[(s, n)]["status"] in ("oom", "out of time") or by[(s, n)]["status"].startswith("error")}  # fmt: skip
-    return [[
+    cells = (((n, i), by[(s, n)]) for i, s in enumerate(shapes) for n in names)
+    marks = _common.failure_marks(cells, also=("out of time",))
+    row = [
         _common.BarPanel("real tokens/s (higher is better)", "tokens/s", shapes, series("tokens_per_s"), False, marks),
         _common.BarPanel("peak memory (lower is better)", "GiB", shapes, series("peak_gib"), False, marks),
         _common.BarPanel("warm-up (compile) time", "s", shapes, series("warmup_s"), False, marks),
-    ]]  # fmt: skip
+    ]
+    return [row]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1077,7 +1151,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=DEFAULT_BUDGET_S,
         help=f"wall-clock budget for the rows and the parity run (default {DEFAULT_BUDGET_S:g})",
     )
-    parser.add_argument("--out", type=Path, default=_common.DEFAULT_RESULTS_DIR, help="output folder")
+    _common.add_out_option(parser)
     parser.add_argument(
         "--parity-steps",
         type=int,
@@ -1099,19 +1173,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def make_context(args: argparse.Namespace) -> Context:
     if args.dry_run:
         torch.set_num_threads(1)  # tiny shapes on a small shared machine: threads only contend
-        return Context(torch.device("cpu"), True, None, DRY_DATA, lr=DRY_RUN_LR, warmup_steps=1, min_timed_steps=1,
-                       max_timed_steps=1, min_row_s=0.0, peak=None)  # fmt: skip
+        return Context(
+            torch.device("cpu"),
+            True,
+            None,
+            DRY_DATA,
+            lr=DRY_RUN_LR,
+            warmup_steps=1,
+            min_timed_steps=1,
+            max_timed_steps=1,
+            min_row_s=0.0,
+            peak=None,
+        )
     device = torch.device("cuda", torch.cuda.current_device())
-    return Context(device, False, torch.bfloat16, GPU_DATA, lr=LR, warmup_steps=WARMUP_STEPS,
-                   min_timed_steps=MIN_TIMED_STEPS, max_timed_steps=MAX_TIMED_STEPS, min_row_s=MIN_ROW_S,
-                   peak=peak_flops(device, torch.bfloat16))  # fmt: skip
+    return Context(
+        device,
+        False,
+        torch.bfloat16,
+        GPU_DATA,
+        lr=LR,
+        warmup_steps=WARMUP_STEPS,
+        min_timed_steps=MIN_TIMED_STEPS,
+        max_timed_steps=MAX_TIMED_STEPS,
+        min_row_s=MIN_ROW_S,
+        peak=peak_flops(device, torch.bfloat16),
+    )
 
 
 def settings(args: argparse.Namespace, ctx: Context) -> dict:
     d = ctx.data
-    regime = ("fp32 weights, AdamW states and compute (dry run on CPU)" if ctx.autocast_dtype is None else
-              "fp32 master weights and AdamW states, forward under torch.autocast(bfloat16), backward outside "
-              "(fastsft train's bf16 mode)")  # fmt: skip
+    regime = (
+        "fp32 weights, AdamW states and compute (dry run on CPU)"
+        if ctx.autocast_dtype is None
+        else "fp32 master weights and AdamW states, forward under torch.autocast(bfloat16), backward outside "
+        "(fastsft train's bf16 mode)"
+    )
     return {
         "device": ctx.device.type,
         "dry_run": ctx.dry_run,
@@ -1122,7 +1218,7 @@ def settings(args: argparse.Namespace, ctx: Context) -> dict:
         "regime": regime,
         "compute_dtype": "bfloat16" if ctx.autocast_dtype else "float32",
         "optimizer": f"AdamW (fastsft.train.loop._optimizer: fused={ctx.device.type == 'cuda'}, betas (0.9, 0.95), "
-                     f"eps 1e-8, weight decay 0), constant lr {ctx.lr:g}, grad clip {GRAD_CLIP:g}",
+        f"eps 1e-8, weight decay 0), constant lr {ctx.lr:g}, grad clip {GRAD_CLIP:g}",
         "lr": ctx.lr,
         "grad_clip": GRAD_CLIP,
         "warmup_steps": ctx.warmup_steps,
@@ -1130,21 +1226,20 @@ def settings(args: argparse.Namespace, ctx: Context) -> dict:
         "max_timed_steps": ctx.max_timed_steps,
         "data": {**asdict(d), "prompt_share": list(d.prompt_share), "padded_batch": d.padded_batch},
         "data_description": f"log-normal lengths (median {d.median_len}, sigma {d.sigma:g}) clipped to "
-                            f"[{d.min_len}, {d.max_len}], prompt share uniform in [{d.prompt_share[0]:g}, "
-                            f"{d.prompt_share[1]:g}], Zipf({d.zipf_exponent:g}) token ids, seed {SEED}",
+        f"[{d.min_len}, {d.max_len}], prompt share uniform in [{d.prompt_share[0]:g}, "
+        f"{d.prompt_share[1]:g}], Zipf({d.zipf_exponent:g}) token ids, seed {SEED}",
         "flops_formula": "6 * matmul params * real tokens + 12 * heads * head_dim * layers * sum_docs L(L+1)/2 "
-                         "(mfu: lm_head on every token; mfu_loop: on supervised tokens, as fastsft train)",
+        "(mfu: lm_head on every token; mfu_loop: on supervised tokens, as fastsft train)",
         "peak_tflops": ctx.peak / 1e12 if ctx.peak else None,
         "fastsft_backend_env": os.environ.get("FASTSFT_BACKEND", "auto"),
         "parity_steps": args.parity_steps,
-    }  # fmt: skip
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not args.dry_run and not torch.cuda.is_available():
-        print("bench_sft.py needs a CUDA GPU (none is visible to torch). Run it on a GPU machine, or pass --dry-run "
-              "for tiny CPU models that check the script only.", file=sys.stderr)  # fmt: skip
+    cpu_run = "pass --dry-run for tiny CPU models that check the script only"
+    if not args.dry_run and _common.cuda_missing("bench_sft.py", cpu_run):
         return 2
     ctx = make_context(args)
     parity_shape = PARITY_SHAPE if PARITY_SHAPE in args.shapes else args.shapes[0]
@@ -1163,8 +1258,11 @@ def main(argv: list[str] | None = None) -> int:
             fill_parity(parity)
     _common.ignore_sigterm()  # a few seconds more to write the files (SIGKILL follows)
     entries = complete(entries, args.shapes, args.rows, ctx.device)
-    log(budget, f"parity: {parity['status']}, {parity['steps']} steps, max relative difference "
-                f"{_num(parity['max_rel_diff'], '.3e')}")  # fmt: skip
+    log(
+        budget,
+        f"parity: {parity['status']}, {parity['steps']} steps, max relative difference "
+        f"{_common.num(parity['max_rel_diff'], '.3e')}",
+    )
     metadata = _common.collect_metadata()
     stem = _common.result_stem(BENCHMARK, metadata)
     payload = {
@@ -1178,7 +1276,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {
             key: {"op": op, "limit": limit, "shape": TARGET_SHAPE, "row": TARGET_ROW}
             for key, (op, limit) in TARGETS.items()
-        },  # fmt: skip
+        },
         "parity": parity,
         "timing": {
             "total_s": budget.elapsed(),
