@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from pathlib import Path
 
 
@@ -52,3 +53,24 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     """`atomic_write_bytes` of `text` encoded as UTF-8."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def retire(path: Path) -> None:
+    """Remove the directory `path` with one rename first (a hidden `.<name>.retired-<pid>` sibling, then the
+    deletion): readers never see it half-deleted, and a kill mid-deletion leaves only the hidden sibling."""
+    path = Path(path)
+    retired = path.with_name(f".{path.name}.retired-{os.getpid()}")
+    os.replace(path, retired)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def publish_dir(staging: Path, final: Path) -> None:
+    """Make the finished directory `staging` visible as `final` (replacing an existing `final`) so that readers
+    see all of it or none of it: its files and itself flushed to disk, the old copy retired, one rename, the
+    parent flushed (the rename survives a power loss). `staging` must be a sibling of `final`."""
+    staging, final = Path(staging), Path(final)
+    fsync_tree(staging)
+    if final.exists():
+        retire(final)
+    os.replace(staging, final)
+    fsync_path(final.parent)

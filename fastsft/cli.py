@@ -20,6 +20,8 @@ import os
 import sys
 from pathlib import Path
 
+from fastsft._durable import atomic_write_text
+
 
 def _cmd_train(args: argparse.Namespace) -> int:
     """`fastsft train [config.yaml] [key=value ...]`: the built-in default job when given nothing."""
@@ -138,10 +140,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         return 0
     print((f"config: {path}\n" if path is not None else "") + result.summary())
     if args.json is not None:  # written whole or not at all
-        target = Path(args.json)
-        partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
-        partial.write_text(text + "\n")
-        os.replace(partial, target)
+        atomic_write_text(Path(args.json), text + "\n")
     return 0
 
 

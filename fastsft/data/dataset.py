@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastsft._durable import fsync_path, fsync_tree
+from fastsft._durable import fsync_path, fsync_tree, retire
 
 from .formats import DataError, LoadReport, Record, iter_records
 from .templates import MaskOptions, ResponseMasker
@@ -347,9 +347,7 @@ def _publish(staging: Path, final: Path, *, replace: bool) -> None:
     the others keep its copy (same key, same content) instead of deleting a cache another process is already
     reading. `replace=True` (use_cache=False) swaps an existing cache out first."""
     if replace and final.exists():
-        retired = final.with_name(f".{final.name}.retired-{os.getpid()}")
-        os.replace(final, retired)
-        shutil.rmtree(retired, ignore_errors=True)
+        retire(final)
     fsync_tree(staging)  # on disk before the rename makes it the cache (a crash must not leave a cut one)
     try:
         os.replace(staging, final)

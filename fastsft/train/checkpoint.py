@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastsft._durable import fsync_path, fsync_tree
+from fastsft._durable import publish_dir
 
 STATE_FILE = "trainer_state.pt"
 STATE_JSON = "trainer_state.json"
@@ -165,17 +165,11 @@ def save_checkpoint(
         (staging / STATE_JSON).write_text(json.dumps(asdict(position), indent=1))
         if meta is not None:
             (staging / META_FILE).write_text(json.dumps(meta, indent=1))
-        fsync_tree(staging)
-        if final.exists():  # the same step saved again (e.g. at the end): replace it
-            retired = run_dir / f".{final.name}.retired-{os.getpid()}"
-            os.replace(final, retired)
-            shutil.rmtree(retired, ignore_errors=True)
-        os.replace(staging, final)
+        publish_dir(staging, final)  # the same step saved again (e.g. at the end) replaces the old copy
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    fsync_path(run_dir)  # the rename itself, on disk
     # Keep the newest keep_last, never the one just written (a directory holding newer checkpoints of
-    # another run is refused before training, see loop._resume_checkpoint).
+    # another run is refused before training, see outputs.resume_checkpoint).
     for old in checkpoints(run_dir)[:-keep_last] if keep_last else []:
         if old != final:
             prune_checkpoint(old)

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 import fastsft
+from fastsft._durable import publish_dir
 
 from . import build, evaluation
 from . import checkpoint as ckpt
@@ -389,11 +390,7 @@ def merge_lora(
         meta = {"base_model": base_name, "seed": info.meta.get("seed"), "lora": False,
                 "merged_from": os.fspath(info.path), "fastsft_version": fastsft.__version__}
         (staging / ckpt.META_FILE).write_text(json.dumps(meta, indent=1))
-        if output_dir.exists():
-            retired = output_dir.parent / f".{output_dir.name}.retired-{os.getpid()}"
-            os.replace(output_dir, retired)
-            shutil.rmtree(retired, ignore_errors=True)
-        os.replace(staging, output_dir)
+        publish_dir(staging, output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output_dir

@@ -19,6 +19,7 @@ left out as well: it is O(hidden) per token against O(hidden^2) for the matmuls.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import numbers
@@ -32,6 +33,8 @@ from typing import Literal
 import numpy as np
 import torch
 from torch import nn
+
+from fastsft._durable import atomic_write_bytes
 
 __all__ = [
     "FlopCounter",
@@ -628,12 +631,9 @@ def plot_loss_curves(
     (ax_lr if ax_lr is not None else ax).set_xlabel("step")
 
     png_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png_path.with_name(f".{png_path.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, png_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    image = io.BytesIO()
+    fig.savefig(image, format="png")
+    atomic_write_bytes(png_path, image.getvalue())
     return png_path
 
 
