@@ -23,7 +23,7 @@ Rows:
                       (RoPE, RMSNorm, SwiGLU, fused linear cross-entropy), when liger-kernel is importable. Liger
                       also rebinds functions of transformers' modeling module; they are restored after the row.
   fastsft             fastsft.patch(model) (attention="fastsft": its Triton varlen kernels) on fastsft.data's
-                      PackedLoader micro-batches, stepped by fastsft.train.loop._forward_backward (the loop's
+                      PackedLoader micro-batches, stepped by fastsft.train.step.forward_backward (the loop's
                       own step: step-wide supervised count on device, shift_labels, cu_seq_lens_q).
   fastsft_torch       the same with attention="torch" (torch.nn.attention.varlen.varlen_attn, CUDA only).
   fastsft_flash_attn  the same with attention="flash_attn" (when flash-attn is importable).
@@ -33,7 +33,7 @@ and the other rows go on.
 One step, every row: forward + backward over the step's micro-batches (gradient accumulation), each
 micro-batch's loss its summed token loss over the step's supervised-token count (`num_items_in_batch`), so
 every row computes the same gradient; global-norm clipping at 1.0 with the loop's NaN guard (one host sync);
-AdamW as `fastsft train` builds it (fastsft.train.loop._optimizer: fused on CUDA, betas (0.9, 0.95), eps 1e-8,
+AdamW as `fastsft train` builds it (fastsft.train.build.optimizer: fused on CUDA, betas (0.9, 0.95), eps 1e-8,
 no weight decay) at a constant learning rate (LR); zero_grad(set_to_none=True).
 Regime (`fastsft train`'s bf16 mode, identical for every row): fp32 master weights and AdamW states,
 forward under torch.autocast(bfloat16), backward outside it. --dry-run: fp32 throughout (CPU; Triton's
@@ -72,7 +72,7 @@ Measured per row:
               first losses agree up to precision.
 
 Loss-curve parity: fastsft (patched) against the unpatched HF model (sdpa, packed, shift_labels) from the same
-initial weights, both stepped by the loop's _forward_backward on the same micro-batches (4096 tokens, one per
+initial weights, both stepped by step.forward_backward on the same micro-batches (4096 tokens, one per
 step), in lockstep, for --parity-steps steps (200 by default) or until the budget ends, on the qwen3-0.6b shape
 (else the first shape). Reported: both loss curves, max |l_fastsft - l_hf| / |l_hf|, and a PNG of both curves.
 
@@ -114,10 +114,11 @@ import fastsft
 from fastsft.data import IGNORE_INDEX, PackedLoader
 from fastsft.ops._backend import select_backend
 from fastsft.ops.attention import check_attention_implementation
+from fastsft.train.build import optimizer as build_optimizer
 from fastsft.train.config import OptimizerConfig, TrainConfig
 from fastsft.train.distributed import clip_grad_norm
-from fastsft.train.loop import _forward_backward, _optimizer
 from fastsft.train.metrics import FlopCounter, peak_flops
+from fastsft.train.step import forward_backward
 
 BENCHMARK = "sft"
 DEFAULT_BUDGET_S = 220.0  # from process start to the result files; with the Python start, ~4 min on an H100
@@ -256,7 +257,7 @@ ROWS = {
         "flattened", "hf_packed + Liger-Kernel (RoPE, RMSNorm, SwiGLU, fused linear CE)", liger=True
     ),
     "fastsft": Row(
-        "fastsft", "fastsft.patch(model) + fastsft.data packing + the loop's _forward_backward", attention="fastsft"
+        "fastsft", "fastsft.patch(model) + fastsft.data packing + step.forward_backward", attention="fastsft"
     ),
     "fastsft_torch": Row("fastsft", "fastsft with attention='torch' (torch varlen_attn)", attention="torch"),
     "fastsft_flash_attn": Row("fastsft", "fastsft with attention='flash_attn' (flash-attn)", attention="flash_attn"),
@@ -495,7 +496,7 @@ class Context:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def optimizer(self, model):
-        return _optimizer(model, TrainConfig(optimizer=OptimizerConfig(lr=self.lr)), self.device)
+        return build_optimizer(model, TrainConfig(optimizer=OptimizerConfig(lr=self.lr)), self.device)
 
 
 def process_age_s() -> float:
@@ -563,7 +564,7 @@ def make_step_fn(row: Row, model, optimizer, ctx: Context):
 
     def step_fn(batches, step: Step) -> torch.Tensor:
         if row.layout == "fastsft":
-            loss, _, _ = _forward_backward(model, batches, ctx.device, ctx.autocast_dtype)
+            loss, _, _ = forward_backward(model, batches, ctx.device, ctx.autocast_dtype)
         else:
             loss = hf_forward_backward(model, batches, step.supervised, ctx)
         skipped[0] += not optimizer_step(params, optimizer)
@@ -875,7 +876,7 @@ def _parity_steps(record: dict, ctx: Context, budget: Budget) -> None:
         step_start = time.perf_counter()
         losses = []
         for model, optimizer, params, _ in runs:
-            loss, _, _ = _forward_backward(model, batches, ctx.device, ctx.autocast_dtype)
+            loss, _, _ = forward_backward(model, batches, ctx.device, ctx.autocast_dtype)
             optimizer_step(params, optimizer)
             losses.append(loss)
         losses = [float(x) for x in losses]  # the step's one sync (the NaN guard synced already)
@@ -1217,7 +1218,7 @@ def settings(args: argparse.Namespace, ctx: Context) -> dict:
         "seed": SEED,
         "regime": regime,
         "compute_dtype": "bfloat16" if ctx.autocast_dtype else "float32",
-        "optimizer": f"AdamW (fastsft.train.loop._optimizer: fused={ctx.device.type == 'cuda'}, betas (0.9, 0.95), "
+        "optimizer": f"AdamW (fastsft.train.build.optimizer: fused={ctx.device.type == 'cuda'}, betas (0.9, 0.95), "
         f"eps 1e-8, weight decay 0), constant lr {ctx.lr:g}, grad clip {GRAD_CLIP:g}",
         "lr": ctx.lr,
         "grad_clip": GRAD_CLIP,
