@@ -41,7 +41,6 @@ __all__ = [
     "MetricsLogger",
     "attention_pairs",
     "config_matmul_params",
-    "format_duration",
     "layer_windows",
     "matmul_params",
     "metric_series",
@@ -49,7 +48,6 @@ __all__ = [
     "peak_flops",
     "plot_loss_curves",
     "read_metrics",
-    "training_flops",
 ]
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -226,7 +224,8 @@ class FlopCounter:
 
     @classmethod
     def from_config(cls, config) -> FlopCounter:
-        """Counter from an HF config alone: every weight counts as trainable (full fine-tuning)."""
+        """Counter from an HF config alone, before any model is built (benchmarks/bench_sft.py): every weight
+        counts as trainable (full fine-tuning), so full_backward=False changes nothing; LoRA needs from_model."""
         c = _text_config(config)
         head = int(c.vocab_size) * int(c.hidden_size)
         params = MatmulParams(config_matmul_params(c) - head, 0, head, 0)
@@ -253,29 +252,6 @@ class FlopCounter:
         # Layers sharing a window share the pair count: one pass over the documents per distinct window.
         pairs = sum(self.windows.count(w) * attention_pairs(lengths, w) for w in set(self.windows))
         return matmul + 12 * self.attention_width * pairs
-
-
-def training_flops(
-    model_or_config,
-    doc_lengths,
-    *,
-    lm_head_tokens: int | None = None,
-    full_backward: bool = True,
-) -> int:
-    """FLOPs of one forward + backward over a packed micro-batch: see FlopCounter for the formula.
-
-    model_or_config: an nn.Module (counts its nn.Linear modules; knows which weights are frozen) or an HF config
-    (counts from the shapes; every weight trainable, so full_backward=False needs the model).
-    doc_lengths: int [B] document lengths, host-side (cu_seqlens.diff() of a micro-batch before it moves to GPU).
-    A loop calling this every step should build a FlopCounter once instead (counting modules walks the model).
-    """
-    if isinstance(model_or_config, nn.Module):
-        counter = FlopCounter.from_model(model_or_config)
-    else:
-        if not full_backward:
-            raise ValueError("full_backward=False needs the model (which weights are frozen), not only its config")
-        counter = FlopCounter.from_config(model_or_config)
-    return counter(doc_lengths, lm_head_tokens=lm_head_tokens, full_backward=full_backward)
 
 
 def model_flops_utilization(flops: float, seconds: float, peak_flops_per_s: float | None) -> float | None:
@@ -635,29 +611,3 @@ def plot_loss_curves(
     fig.savefig(image, format="png")
     atomic_write_bytes(png_path, image.getvalue())
     return png_path
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Small helpers
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def format_duration(seconds: float) -> str:
-    """Seconds for humans: "8.2s", "42s", "3m07s", "1h02m03s", "2d03h04m"; "?" when not finite."""
-    if not math.isfinite(seconds):
-        return "?"
-    if seconds < 0:
-        return "-" + format_duration(-seconds)
-    if seconds < 9.95:  # 9.96 would print as "10.0s"
-        return f"{seconds:.1f}s"
-    total = round(seconds)
-    days, rest = divmod(total, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d{hours:02d}h{minutes:02d}m"
-    if hours:
-        return f"{hours}h{minutes:02d}m{secs:02d}s"
-    if minutes:
-        return f"{minutes}m{secs:02d}s"
-    return f"{secs}s"
