@@ -739,8 +739,8 @@ class KernelBenchmark:
         """Runs once, after the header line and before the sweep."""
 
     def prepare(self, cfg):
-        """Inputs every implementation of `cfg` shares, passed to build(); a failure here fails the config's
-        every entry alike."""
+        """Inputs every implementation of `cfg` shares, passed to build(); a failure here fails every entry of
+        the config alike."""
         return None
 
     def entry_fields(self, name: str, cfg, direction: str | None) -> dict:
@@ -784,6 +784,7 @@ class KernelBenchmark:
         return implementation_notes(payload["results"], payload["settings"]["impls"])
 
     def panels(self, payload: dict) -> list[list[BarPanel]]:
+        """The plot: rows of panels."""
         raise NotImplementedError
 
     def plot_subject(self, payload: dict) -> str:

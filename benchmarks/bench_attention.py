@@ -440,7 +440,7 @@ class Attention(_common.KernelBenchmark):
                 judged = value is not None and applies and on_device
                 met = _common.meets(value, target["rule"], target["limit"]) if judged else None
                 targets[key] = {**target, "value": value, "applies": applies, "met": met}
-            derived.append({
+            record = {
                 "config": asdict(cfg),
                 "direction": direction,
                 "docs": {k: stats[k] for k in ("n_docs", "max_seqlen")},
@@ -448,7 +448,8 @@ class Attention(_common.KernelBenchmark):
                 "torch_varlen_tflops": varlen["tflops"] if varlen else None,
                 "fastsft_speedup_vs_torch_varlen": values["speedup_vs_torch_varlen"],
                 "targets": targets,
-            })
+            }
+            derived.append(record)
         return derived
 
     def settings_fields(self) -> dict:
@@ -504,14 +505,15 @@ class Attention(_common.KernelBenchmark):
                 rows.append([*head, _common.short_status(e["status"]), *[None] * 4])
                 continue
             parity = "(ref)" if e["impl"] == "fastsft" else _common.num(e["parity_rel_diff"], ".1e")
-            rows.append([
+            row = [
                 *head,
                 _common.num(e["time_ms"], ".3f"),
                 _common.sig3(e["tflops"]),
                 _common.num(e["speedup_vs_torch_varlen"], ".2f"),
                 _common.num(e["peak_gib"], ".3f"),
                 parity,
-            ])
+            ]
+            rows.append(row)
         return _common.markdown_table(headers, rows)
 
     def panels(self, payload: dict) -> list[list[_common.BarPanel]]:
@@ -559,7 +561,7 @@ def _targets_table(payload: dict) -> str:
         cfg = Config(**d["config"])
         t = d["targets"]
         moonshot = _target_cell(t["moonshot_fwd_tflops"]) if t["moonshot_fwd_tflops"]["applies"] else ""
-        rows.append([
+        row = [
             cfg.mix,
             cfg.tokens,
             cfg.heads(),
@@ -569,7 +571,8 @@ def _targets_table(payload: dict) -> str:
             _common.sig3(d["torch_varlen_tflops"]),
             _target_cell(t["speedup_vs_torch_varlen"]),
             moonshot,
-        ])
+        ]
+        rows.append(row)
     return _common.markdown_table(headers, rows)
 
 

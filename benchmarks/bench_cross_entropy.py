@@ -328,21 +328,22 @@ class CrossEntropy(_common.KernelBenchmark):
     def main_table(self, payload: dict) -> str:
         impls = payload["settings"]["impls"]
         limits = {k: t["limit"] for k, t in TARGETS.items()}
-        headers = [
-            "N", "V", "prompt", "N_sup", *impls,
+        headers = ["N", "V", "prompt", "N_sup", *impls]
+        headers += [
             f"fastsft/liger time (≤ {limits['time_vs_liger']} at p=0.5)",
             f"fastsft/liger peak (≤ {limits['peak_vs_liger']})",
             f"fastsft/bare time (≤ {limits['time_vs_bare']} at p=0)",
         ]
         rows = []
         for cfg, by_impl, d in _config_rows(payload):
-            rows.append([
-                cfg["n"], cfg["v"], f"{cfg['prompt_frac']:g}", cfg["n_supervised"],
-                *(_time_mem_cell(by_impl[name]) for name in impls),
+            row = [cfg["n"], cfg["v"], f"{cfg['prompt_frac']:g}", cfg["n_supervised"]]
+            row += [_time_mem_cell(by_impl[name]) for name in impls]
+            row += [
                 _ratio_cell(d["fastsft_over_liger_time"], d["targets"]["time_vs_liger"]),
                 _ratio_cell(d["fastsft_over_liger_peak"], d["targets"]["peak_vs_liger"]),
                 _ratio_cell(d["fastsft_over_bare_time"], d["targets"]["time_vs_bare"]),
-            ])
+            ]
+            rows.append(row)
         return _common.markdown_table(headers, rows)
 
     def notes(self, payload: dict) -> list[str]:
@@ -366,10 +367,11 @@ class CrossEntropy(_common.KernelBenchmark):
             time = {name: [by[name]["time_ms"] for _, by in rows] for name in impls}
             peak = {name: [by[name]["peak_gib"] for _, by in rows] for name in impls}
             where = f"prompt fraction {frac:g}"
-            grid.append([
+            panels = [
                 _common.BarPanel(f"fwd+bwd time, {where}", "ms", groups, time, True, marks),
                 _common.BarPanel(f"peak memory above the inputs, {where}", "GiB", groups, peak, True, marks),
-            ])
+            ]
+            grid.append(panels)
         return grid
 
     def plot_subject(self, payload: dict) -> str:
@@ -424,9 +426,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "cross_entropy", "Fused linear cross-entropy fwd+bwd: fastsft vs torch, Liger, CCE and the bare matmuls."
     )
     parser.add_argument("--n", type=int, nargs="+", help=f"rows N (default {' '.join(map(str, FULL_N))})")
-    parser.add_argument(
-        "--v", type=int, nargs="+", help=f"vocabulary sizes V (default {' '.join(map(str, FULL_V))})"
-    )
+    parser.add_argument("--v", type=int, nargs="+", help=f"vocabulary sizes V (default {' '.join(map(str, FULL_V))})")
     parser.add_argument("--h", type=int, help=f"hidden size H (default {FULL_H})")
     parser.add_argument(
         "--prompt-frac", type=float, nargs="+", help="fractions of rows labelled -100 (default 0 0.5 0.9)"

@@ -485,13 +485,14 @@ class Elementwise(_common.KernelBenchmark):
                 judged = value is not None and self.on_gpu
                 met = _common.meets(value, target["rule"], target["limit"]) if judged else None
                 targets[key] = {**target, "value": value, "met": met}
-            derived.append({
+            record = {
                 "config": asdict(cfg),
                 "direction": direction,
                 "fastsft_pct_of_copy": values["pct_of_copy"],
                 "fastsft_over_liger_time": values["time_vs_liger"],
                 "targets": targets,
-            })
+            }
+            derived.append(record)
         return derived
 
     def settings_fields(self) -> dict:
@@ -540,7 +541,7 @@ class Elementwise(_common.KernelBenchmark):
             if e["status"] != "ok":
                 rows.append([*head, _common.short_status(e["status"]), *[None] * 6])
                 continue
-            rows.append([
+            row = [
                 *head,
                 _common.num(e["time_ms"], ".4f"),
                 _common.sig3(e["gbps"]),
@@ -549,7 +550,8 @@ class Elementwise(_common.KernelBenchmark):
                 _common.num(e["speedup_vs_liger"], ".2f"),
                 _common.num(e["peak_gib"], ".3f"),
                 "(ref)" if e["impl"] == "fastsft" else _common.num(e["parity_rel_diff"], ".1e"),
-            ])
+            ]
+            rows.append(row)
         return _common.markdown_table(headers, rows)
 
     def panels(self, payload: dict) -> list[list[_common.BarPanel]]:
