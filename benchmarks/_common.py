@@ -13,7 +13,7 @@ that stops cleanly on SIGTERM, one entry per (config, implementation, direction)
 memory + parity with failures classified (oom / skipped / error), progress lines, the payload and its
 metadata, and the markdown / JSON / PNG files.
 
-Result files are named `<benchmark>_<gpu-slug>_<YYYY-MM-DD>.{json,md,png}` (DESIGN.md, "Testing
+Result files are named `<benchmark>_<gpu-slug>_<YYYY-MM-DD>.{json,md,png}` (ARCHITECTURE.md, "Testing
 rules": numbers quoted anywhere come from these files).
 """
 

@@ -54,7 +54,7 @@ A failure (not installed, unsupported, out of memory) is recorded in its cell, n
 fastsft and sdpa_per_doc only (torch_varlen and flash_attn need CUDA and bf16, flex_attention compiles for
 minutes on CPU), unless the others are named with --impl.
 
-Target (DESIGN.md, "Performance targets"): fastsft >= 1.0x torch varlen_attn's TFLOP/s, fwd+bwd, D=128, GQA
+Target (ARCHITECTURE.md, "Performance targets"): fastsft >= 1.0x torch varlen_attn's TFLOP/s, fwd+bwd, D=128, GQA
 4:1, lognormal_128_8192 documents, 32768 tokens (H100, bf16). Moonshot: FA3-class, >= 450 TFLOP/s forward on
 an H100 at the same config.
 
@@ -94,7 +94,7 @@ SMOKE_MIX, SMOKE_TOKENS, SMOKE_HQ, SMOKE_HK, SMOKE_HEAD_DIMS = "two_docs", 48, 2
 FLOPS_FORMULAS = {"fwd": "4*Hq*D*sum(s_i^2)/2", "fwd+bwd": "3.5 * 4*Hq*D*sum(s_i^2)/2"}
 BWD_OVER_FWD = 2.5  # FlashAttention's convention: the backward is 2.5 forwards (five matmuls against two)
 
-# DESIGN.md, "Performance targets", at the headline config below (ratios and rates measured on a GPU).
+# ARCHITECTURE.md, "Performance targets", at the headline config below (ratios and rates measured on a GPU).
 HEADLINE = {"mix": "lognormal_128_8192", "tokens": 32768, "d": 128, "group": 4}
 TARGETS = {
     "speedup_vs_torch_varlen": {
@@ -480,7 +480,7 @@ class Attention(_common.KernelBenchmark):
             "`torch.autograd.grad` of dq, dk, dv. × vs torch_varlen = torch_varlen's time / this row's time.",
             "- parity (informational): relative L2 difference to fastsft of out (fwd) / the worst of dq, dk, dv "
             "(fwd+bwd); memory: peak allocated during one call above the inputs, GiB.",
-            f"- target (DESIGN.md): fastsft ≥ 1.0x torch varlen_attn TFLOP/s, fwd+bwd, D=128, GQA 4:1, "
+            f"- target (ARCHITECTURE.md): fastsft ≥ 1.0x torch varlen_attn TFLOP/s, fwd+bwd, D=128, GQA 4:1, "
             f"{HEADLINE['mix']} documents, {HEADLINE['tokens']} tokens; moonshot ≥ 450 TFLOP/s forward on an "
             "H100. ✓ / ✗ at the headline config where measured on a GPU.",
         ]

@@ -52,7 +52,7 @@ SMOKE_N, SMOKE_V, SMOKE_H = (37, 64), (97,), 32
 # bare_matmuls holds G and the logits, 2 * N * V elements: skipped above this share of free memory.
 BARE_MEMORY_SHARE = 0.4
 
-# DESIGN.md, "Performance targets": fastsft / baseline ratios and the prompt fraction each applies at
+# ARCHITECTURE.md, "Performance targets": fastsft / baseline ratios and the prompt fraction each applies at
 # (None: every config).
 TARGETS = {
     "time_vs_liger": {"limit": 0.55, "prompt_frac": 0.5},
@@ -314,7 +314,7 @@ class CrossEntropy(_common.KernelBenchmark):
             f"- inputs: {s['dtype']}, H = {s['sweep']['h']}, labels -100 on a random prompt fraction of rows "
             f"(seed {s['seed']}), reduction mean; timing: {_common.timing_line(s)}",
             "- memory: peak allocated during one call above the inputs' allocation (gradients included), GiB",
-            "- targets (DESIGN.md): fastsft ≤ 0.55x Liger's time at prompt 0.5 (headline config N=16384, "
+            "- targets (ARCHITECTURE.md): fastsft ≤ 0.55x Liger's time at prompt 0.5 (headline config N=16384, "
             "V=128256); ≤ Liger's peak memory; ≤ 1.25x the bare matmuls' time with every row supervised. "
             "✓ / ✗ mark configs where a target applies.",
         ]

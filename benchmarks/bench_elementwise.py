@@ -100,7 +100,7 @@ BYTES_FORMULAS = {
     ("gated", "bwd"): "e*5*N*I",
 }
 
-# DESIGN.md, "Performance targets": RoPE, RMSNorm, SwiGLU fwd and bwd at >= 80% of the measured copy
+# ARCHITECTURE.md, "Performance targets": RoPE, RMSNorm, SwiGLU fwd and bwd at >= 80% of the measured copy
 # bandwidth and faster than Liger. Applied here to their siblings too (offset / fused-add / q-k norms, GeGLU).
 TARGETS = {
     "pct_of_copy": {"limit": 80.0, "rule": ">="},
@@ -520,7 +520,7 @@ class Elementwise(_common.KernelBenchmark):
             "one recorded forward (all input gradients). × vs X = X's time / this row's time (> 1: this row is "
             "faster).",
             *formulas,
-            "- targets (DESIGN.md): fastsft ≥ 80% of the copy bandwidth and faster than Liger, forward and "
+            "- targets (ARCHITECTURE.md): fastsft ≥ 80% of the copy bandwidth and faster than Liger, forward and "
             "backward (stated for RoPE, RMSNorm, SwiGLU; applied to their siblings too). ✓ / ✗ where measured "
             "on a GPU.",
         ]

@@ -56,18 +56,26 @@ def test_pack_native(benchmark):
     if _native.native_module() is None:
         pytest.skip(_native.load_error())
     packing = benchmark.pedantic(
-        pack_documents, args=(_benchmark_lengths(), MAX_TOKENS), kwargs={"backend": "native"},
-        rounds=7, iterations=1, warmup_rounds=1,
-    )  # fmt: skip
+        pack_documents,
+        args=(_benchmark_lengths(), MAX_TOKENS),
+        kwargs={"backend": "native"},
+        rounds=7,
+        iterations=1,
+        warmup_rounds=1,
+    )
     benchmark.extra_info.update(num_docs=NUM_DOCS, max_tokens=MAX_TOKENS, bins=len(packing))
     benchmark.extra_info["efficiency"] = packing.efficiency
 
 
 def test_pack_python(benchmark):
     packing = benchmark.pedantic(
-        pack_documents, args=(_benchmark_lengths(), MAX_TOKENS), kwargs={"backend": "python"},
-        rounds=3, iterations=1, warmup_rounds=1,
-    )  # fmt: skip
+        pack_documents,
+        args=(_benchmark_lengths(), MAX_TOKENS),
+        kwargs={"backend": "python"},
+        rounds=3,
+        iterations=1,
+        warmup_rounds=1,
+    )
     benchmark.extra_info.update(num_docs=NUM_DOCS, max_tokens=MAX_TOKENS, bins=len(packing))
     benchmark.extra_info["efficiency"] = packing.efficiency
 
@@ -141,10 +149,17 @@ def measure(lengths: np.ndarray, max_tokens: int, repeats: int) -> list[dict]:
             lambda: module.best_fit_pack(ordered, max_tokens, offsets, positions), repeats
         )
         entries.append(
-            {"impl": "fastsft._C.best_fit_pack (step 2 only)", "backend": "native", "status": "ok",
-             "median_s": median, "min_s": min(times), "times_s": times, "bins": bins,
-             "efficiency": float(lengths.sum()) / (bins * max_tokens)}
-        )  # fmt: skip
+            {
+                "impl": "fastsft._C.best_fit_pack (step 2 only)",
+                "backend": "native",
+                "status": "ok",
+                "median_s": median,
+                "min_s": min(times),
+                "times_s": times,
+                "bins": bins,
+                "efficiency": float(lengths.sum()) / (bins * max_tokens),
+            }
+        )
 
     if len(packings) == 2:
         native, python = packings["native"], packings["python"]
@@ -160,10 +175,16 @@ def measure(lengths: np.ndarray, max_tokens: int, repeats: int) -> list[dict]:
 def render_markdown(payload: dict) -> str:
     meta, settings = payload["metadata"], payload["settings"]
     rows = [
-        [e["impl"], e["status"], _ms(e.get("median_s")), _ms(e.get("min_s")), e.get("bins"),
-         None if e.get("efficiency") is None else f"{e['efficiency']:.6f}"]
+        [
+            e["impl"],
+            e["status"],
+            _ms(e.get("median_s")),
+            _ms(e.get("min_s")),
+            e.get("bins"),
+            None if e.get("efficiency") is None else f"{e['efficiency']:.6f}",
+        ]
         for e in payload["results"]
-    ]  # fmt: skip
+    ]
     lines = [
         f"# Packing: best-fit decreasing, {settings['num_docs']:,} documents, max_tokens {settings['max_tokens']}",
         "",

@@ -18,7 +18,7 @@ Rows:
   hf_packed           unpatched, sdpa. Each packed micro-batch (the same documents as fastsft's) is one row
                       built by transformers' DataCollatorWithFlattening: input_ids, labels with -100 at each
                       document start, position_ids restarting per document; use_cache=False, so transformers
-                      builds the block-diagonal mask from position_ids (DESIGN.md, known facts).
+                      builds the block-diagonal mask from position_ids (ARCHITECTURE.md, "Known facts").
   hf_packed_liger     hf_packed after liger_kernel.transformers.apply_liger_kernel_to_{llama,qwen3}(model=...)
                       (RoPE, RMSNorm, SwiGLU, fused linear cross-entropy), when liger-kernel is importable. Liger
                       also rebinds functions of transformers' modeling module; they are restored after the row.
@@ -62,7 +62,7 @@ Measured per row:
               from fastsft.train.metrics.FlopCounter, the same count for every row (real tokens, never padding
               or recomputation): 6 * matmul params * tokens + 12 * heads * head_dim * layers * sum over
               documents of L(L+1)/2 (causal attention within each document). `mfu` counts the lm_head on every
-              real token (DESIGN.md's 6 * params * tokens); `mfu_loop` on supervised tokens only, as
+              real token (ARCHITECTURE.md's 6 * params * tokens); `mfu_loop` on supervised tokens only, as
               `fastsft train` reports it (fastsft's loss never projects prompt rows).
   memory      peak torch.cuda.max_memory_allocated over the timed steps, absolute (weights, AdamW states,
               gradients, activations); `static_gib` was allocated before them (weights + AdamW states).
@@ -80,7 +80,7 @@ Budget (--budget-s, default sized for ~4 minutes on an H100): the rows share 70%
 an equal share of what is left when it starts), the parity run the rest. When time runs out the current step
 finishes, what was measured is kept, and what was not is recorded as "out of time".
 
-Targets (DESIGN.md, H100, bf16, the fastsft row on llama-3.2-1b): >= 2.5x hf_padded tokens/s, >= 1.3x
+Targets (ARCHITECTURE.md, H100, bf16, the fastsft row on llama-3.2-1b): >= 2.5x hf_padded tokens/s, >= 1.3x
 hf_packed_liger tokens/s, peak memory <= 0.6x hf_padded, MFU >= 45%.
 
 Results: sft_<gpu>_<date>.{json,md,png} and sft_<gpu>_<date>_parity.png in --out.
@@ -398,7 +398,7 @@ class Step:
     doc_ids: np.ndarray  # the step's examples
     tokens: int
     supervised: int
-    flops: int  # DESIGN.md: lm_head on every token
+    flops: int  # ARCHITECTURE.md: lm_head on every token
     flops_loop: int  # fastsft train's count: lm_head on supervised tokens
 
 
@@ -944,7 +944,7 @@ def plot_parity(path: Path, record: dict, title: str) -> Path:
 # --------------------------------------------------------------------------------------------------
 
 TARGET_SHAPE, TARGET_ROW = "llama-3.2-1b", "fastsft"
-TARGETS = {  # DESIGN.md, "Performance targets": (comparison, limit)
+TARGETS = {  # ARCHITECTURE.md, "Performance targets": (comparison, limit)
     "tokens_per_s_vs_hf_padded": (">=", 2.5),
     "tokens_per_s_vs_hf_packed_liger": (">=", 1.3),
     "peak_memory_vs_hf_padded": ("<=", 0.6),
@@ -1096,7 +1096,7 @@ def render_markdown(payload: dict) -> str:
             "",
         ]
     sections = [
-        ("Targets (DESIGN.md, H100 bf16, fastsft row on llama-3.2-1b)", target_lines(payload["derived"])),
+        ("Targets (ARCHITECTURE.md, H100 bf16, fastsft row on llama-3.2-1b)", target_lines(payload["derived"])),
         ("Loss-curve parity: fastsft vs unpatched HF", parity_lines(payload["parity"])),
         ("Rows", notes(payload["results"])),
     ]

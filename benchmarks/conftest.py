@@ -1,4 +1,4 @@
-"""`pytest benchmarks/ --benchmark-only` runs the CPU-side benchmarks (pytest-benchmark; DESIGN.md, "Testing
+"""`pytest benchmarks/ --benchmark-only` runs the CPU-side benchmarks (pytest-benchmark; ARCHITECTURE.md, "Testing
 rules"). They live in bench_*.py scripts next to the GPU ones, which are plain scripts run as
 `python benchmarks/bench_x.py`, so only the files listed here are collected."""
 

@@ -76,14 +76,32 @@ class Part:
         python = sys.executable
         if self.name == "gpu_tests":
             tests = ["tests/test_attention_implementations.py"] if dry_run else ["tests"]
-            return [python, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "--durations=15",
-                    f"--junitxml={out_dir / 'gpu_tests_junit.xml'}", *tests]  # fmt: skip
+            return [
+                python,
+                "-m",
+                "pytest",
+                "-q",
+                "-m",
+                "gpu",
+                "-p",
+                "no:cacheprovider",
+                "--durations=15",
+                f"--junitxml={out_dir / 'gpu_tests_junit.xml'}",
+                *tests,
+            ]
         script = str(BENCHMARKS / f"{self.name}.py")
         if self.name == "bench_sft":
             # bench_sft splits its own time between its rows and the parity run, and stops cleanly.
             mode = ["--dry-run"] if dry_run else []
-            return [python, script, *mode, "--budget-s", f"{max(budget_s - KILL_GRACE_S, 1.0):.0f}",
-                    "--out", str(out_dir)]  # fmt: skip
+            return [
+                python,
+                script,
+                *mode,
+                "--budget-s",
+                f"{max(budget_s - KILL_GRACE_S, 1.0):.0f}",
+                "--out",
+                str(out_dir),
+            ]
         return [python, script, "--smoke" if dry_run else "--quick", "--out", str(out_dir)]
 
 
@@ -136,8 +154,16 @@ def run_part(part: Part, command: list[str], env: dict, time_limit_s: float, log
     log(f"{part.name}: start ({part.what}); time limit {time_limit_s:.0f} s")
     log(f"{part.name}: $ {' '.join(command)}")
     started = time.monotonic()
-    process = subprocess.Popen(command, cwd=_common.REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)  # fmt: skip
+    process = subprocess.Popen(
+        command,
+        cwd=_common.REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        start_new_session=True,
+    )
     reader = threading.Thread(target=lambda: [log.raw(line) for line in process.stdout], daemon=True)
     reader.start()
     timed_out = False
@@ -193,11 +219,17 @@ def triton_cache_index(cache_dir: Path) -> list[dict]:
                 continue
             if not isinstance(meta, dict) or "name" not in meta:
                 continue
-            index.append({
-                "key": entry.name, "name": meta.get("name"), "target": meta.get("target"),
-                "num_warps": meta.get("num_warps"), "num_stages": meta.get("num_stages"),
-                "triton_version": meta.get("triton_version"), "files": sorted(p.name for p in entry.iterdir()),
-            })  # fmt: skip
+            index.append(
+                {
+                    "key": entry.name,
+                    "name": meta.get("name"),
+                    "target": meta.get("target"),
+                    "num_warps": meta.get("num_warps"),
+                    "num_stages": meta.get("num_stages"),
+                    "triton_version": meta.get("triton_version"),
+                    "files": sorted(p.name for p in entry.iterdir()),
+                }
+            )
     return index
 
 
@@ -227,14 +259,26 @@ def summary_markdown(summary: dict, work: Path) -> str:
         "",
         _common.markdown_table(
             ["part", "status", "time (s)", "limit (s)", "Triton kernels compiled", "result files"],
-            [[p["name"], p["status"], f"{p['seconds']:.1f}", f"{p['time_limit_s']:.0f}",
-              p["triton_cache_entries_added"], len(p["files"])] for p in summary["parts"]],
-        ),  # fmt: skip
+            [
+                [
+                    p["name"],
+                    p["status"],
+                    f"{p['seconds']:.1f}",
+                    f"{p['time_limit_s']:.0f}",
+                    p["triton_cache_entries_added"],
+                    len(p["files"]),
+                ]
+                for p in summary["parts"]
+            ],
+        ),
     ]
     tests = next((p["tests"] for p in summary["parts"] if p["name"] == "gpu_tests" and p["tests"]), None)
     if tests:
-        lines += ["", f"GPU tests: {tests['passed']} passed, {tests['failures']} failed, {tests['errors']} errors, "
-                      f"{tests['skipped']} skipped."]  # fmt: skip
+        lines += [
+            "",
+            f"GPU tests: {tests['passed']} passed, {tests['failures']} failed, {tests['errors']} errors, "
+            f"{tests['skipped']} skipped.",
+        ]
     for table in sorted(work.glob("*.md")):
         lines += ["", "---", "", f"<!-- {table.name} -->", table.read_text().strip()]
     return "\n".join(lines) + "\n"
@@ -278,8 +322,10 @@ def main(argv: list[str] | None = None) -> int:
         env.update(TRITON_INTERPRET="1", FASTSFT_BACKEND="triton")
     parts = [p for p in PARTS if not args.parts or p.name in args.parts]
     metadata = _common.collect_metadata()
-    log(f"GPU proof on {metadata['gpu']} (torch {metadata['torch']}, triton {metadata['triton']}, git "
-        f"{metadata['git_revision']}); budget {args.budget_s:.0f} s{'; dry run' if args.dry_run else ''}")  # fmt: skip
+    log(
+        f"GPU proof on {metadata['gpu']} (torch {metadata['torch']}, triton {metadata['triton']}, git "
+        f"{metadata['git_revision']}); budget {args.budget_s:.0f} s{'; dry run' if args.dry_run else ''}"
+    )
     started = time.monotonic()
     results = []
     for position, part in enumerate(parts):
@@ -298,10 +344,14 @@ def main(argv: list[str] | None = None) -> int:
         results.append(result)
     _common.write_json(work / "triton_cache_index.json", {"entries": triton_cache_index(cache_dir)})
     summary = {
-        "benchmark": "gpu_proof", "metadata": metadata, "dry_run": args.dry_run, "budget_s": args.budget_s,
-        "seconds": time.monotonic() - started, "parts": [vars(r) for r in results],
+        "benchmark": "gpu_proof",
+        "metadata": metadata,
+        "dry_run": args.dry_run,
+        "budget_s": args.budget_s,
+        "seconds": time.monotonic() - started,
+        "parts": [vars(r) for r in results],
         "shares": {p.name: round(_weight(p), 3) for p in parts},
-    }  # fmt: skip
+    }
     bundle(out, work, summary, log)
     failed = [r.name for r in results if r.status not in ("ok",)]
     log(f"done in {time.monotonic() - started:.0f} s; " + (f"not ok: {', '.join(failed)}" if failed else "all ok"))

@@ -86,17 +86,23 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         return _fail("generate", f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if not (math.isfinite(args.temperature) and args.temperature >= 0 and 0 < args.top_p <= 1):
-        return _fail("generate", f"need a finite --temperature >= 0 and 0 < --top-p <= 1, got {args.temperature}, "
-                     f"{args.top_p}")  # fmt: skip
+        return _fail(
+            "generate", f"need a finite --temperature >= 0 and 0 < --top-p <= 1, got {args.temperature}, {args.top_p}"
+        )
     if (error := _device_error(args.device)) is not None:
         return _fail("generate", error)
     try:
-        model, tokenizer = inference.load_checkpoint(args.checkpoint, base=args.base, device=args.device,
-                                                     dtype=args.dtype)  # fmt: skip
+        model, tokenizer = inference.load_checkpoint(
+            args.checkpoint, base=args.base, device=args.device, dtype=args.dtype
+        )
     except inference.CheckpointError as exc:
         return _fail("generate", exc)
-    generation = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                      chat_template=inference.run_chat_template(args.checkpoint))  # fmt: skip
+    generation = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        chat_template=inference.run_chat_template(args.checkpoint),
+    )
     if args.seed is not None:
         torch.manual_seed(args.seed)
     system = [{"role": "system", "content": args.system}] if args.system else []
@@ -166,8 +172,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from fastsft.train import inference
 
     try:
-        out = inference.merge_lora(args.checkpoint, args.output_dir, base=args.base, force=args.force,
-                                   dtype=args.dtype)  # fmt: skip
+        out = inference.merge_lora(args.checkpoint, args.output_dir, base=args.base, force=args.force, dtype=args.dtype)
     except inference.CheckpointError as exc:
         return _fail("merge", exc)
     print(f"merged {args.checkpoint} into {out} (loads with AutoModelForCausalLM.from_pretrained, no PEFT needed)")
@@ -208,8 +213,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base", default=None, help="a LoRA checkpoint's base model directory (default: "
-                        "the one recorded in its fastsft.json)")  # fmt: skip
+    parser.add_argument(
+        "--base",
+        default=None,
+        help="a LoRA checkpoint's base model directory (default: the one recorded in its fastsft.json)",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA if available)")
 
 
@@ -241,8 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature)")
     generate.add_argument("--seed", type=int, default=None, help="seed torch first (reproducible sampling)")
     _add_model_options(generate)
-    generate.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                          help="weights dtype; auto: bf16 on CUDA, fp32 on CPU")  # fmt: skip
+    generate.add_argument(
+        "--dtype",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        default="auto",
+        help="weights dtype; auto: bf16 on CUDA, fp32 on CPU",
+    )
     generate.set_defaults(func=_cmd_generate)
 
     evaluate = sub.add_parser(
@@ -269,8 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("output_dir", help="where the merged model goes (must not exist or be empty)")
     merge.add_argument("--base", default=None, help="the base model directory (default: fastsft.json's base_model)")
     merge.add_argument("--force", action="store_true", help="replace a non-empty OUTPUT_DIR")
-    merge.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                       help="dtype of the saved weights; auto: the base model's own")  # fmt: skip
+    merge.add_argument(
+        "--dtype",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        default="auto",
+        help="dtype of the saved weights; auto: the base model's own",
+    )
     merge.set_defaults(func=_cmd_merge)
 
     info = sub.add_parser("info", help="versions, device, backend and native-extension status")

@@ -37,8 +37,9 @@ def exact_copies(*tensors):
     return [t.detach().double().requires_grad_() if t is not None else None for t in tensors]
 
 
-def torch_lowp_cross_entropy(logits, labels, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                             z_loss=0.0, softcap=None):  # fmt: skip
+def torch_lowp_cross_entropy(
+    logits, labels, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None
+):
     """Torch's own computation entirely in the logits' (low) precision: what a user gets without fastsft."""
     z = logits if softcap is None else softcap * torch.tanh(logits / softcap)
     loss = F.cross_entropy(z, labels, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)

@@ -1,5 +1,5 @@
 """One parity check for every elementwise/row op: forward outputs and input gradients of the op under test
-against a float64 reference, with the error bound of DESIGN.md (fp32: ~1e-5 relative; bf16/fp16: at most
+against a float64 reference, with the error bound of ARCHITECTURE.md (fp32: ~1e-5 relative; bf16/fp16: at most
 2x the error of torch's own computation in that precision on the same inputs)."""
 
 from __future__ import annotations

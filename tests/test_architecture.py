@@ -57,8 +57,9 @@ def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
                     source = ".".join(base + ([node.module] if node.module else []))
                 else:
                     source = node.module or ""
-                targets = [f"{source}.{alias.name}" if f"{source}.{alias.name}" in modules else source
-                           for alias in node.names]
+                targets = [
+                    f"{source}.{alias.name}" if f"{source}.{alias.name}" in modules else source for alias in node.names
+                ]
             for target in targets:
                 while target and target not in modules:  # `import fastsft.data.packing.x` -> the module
                     target = target.rpartition(".")[0]

@@ -52,32 +52,60 @@ def _flash_semantics(q, k, v, cu_seqlens, *, scale, causal, window_size, softcap
 def _fake_flash_attn(calls):
     module = types.ModuleType("flash_attn")
 
-    def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False,
-                               window_size=(-1, -1), softcap=0.0, **unused):  # fmt: skip
+    def flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu_q,
+        cu_k,
+        max_q,
+        max_k,
+        dropout_p=0.0,
+        softmax_scale=None,
+        causal=False,
+        window_size=(-1, -1),
+        softcap=0.0,
+        **unused,
+    ):
         assert torch.equal(cu_q, cu_k) and max_q == max_k and dropout_p == 0.0
         scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-        return _flash_semantics(q, k, v, cu_q, scale=scale, causal=causal, window_size=window_size,
-                                softcap=softcap, calls=calls)  # fmt: skip
+        return _flash_semantics(
+            q, k, v, cu_q, scale=scale, causal=causal, window_size=window_size, softcap=softcap, calls=calls
+        )
 
     module.flash_attn_varlen_func = flash_attn_varlen_func
     return module
 
 
 def _fake_torch_varlen_attn(calls, *, old_signature=False):
-    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
-                    window_size=(-1, -1), enable_gqa=False):  # fmt: skip
+    def varlen_attn(
+        query,
+        key,
+        value,
+        cu_seq_q,
+        cu_seq_k,
+        max_q,
+        max_k,
+        *,
+        return_aux=None,
+        scale=None,
+        window_size=(-1, -1),
+        enable_gqa=False,
+    ):
         assert torch.equal(cu_seq_q, cu_seq_k) and return_aux is None
         assert enable_gqa or key.shape[1] == query.shape[1], "GQA heads without enable_gqa=True"
         scale = scale if scale is not None else query.shape[-1] ** -0.5
-        return _flash_semantics(query, key, value, cu_seq_q, scale=scale, causal=False, window_size=window_size,
-                                softcap=0.0, calls=calls)  # fmt: skip
+        return _flash_semantics(
+            query, key, value, cu_seq_q, scale=scale, causal=False, window_size=window_size, softcap=0.0, calls=calls
+        )
 
     def varlen_attn_early(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, *, scale=None):
         """An early signature: is_causal, no window, no GQA."""
         assert key.shape[1] == query.shape[1], "GQA heads given to a varlen_attn without enable_gqa"
         scale = scale if scale is not None else query.shape[-1] ** -0.5
-        return _flash_semantics(query, key, value, cu_seq_q, scale=scale, causal=is_causal, window_size=(-1, -1),
-                                softcap=0.0, calls=calls)  # fmt: skip
+        return _flash_semantics(
+            query, key, value, cu_seq_q, scale=scale, causal=is_causal, window_size=(-1, -1), softcap=0.0, calls=calls
+        )
 
     return varlen_attn_early if old_signature else varlen_attn
 
@@ -127,8 +155,9 @@ def test_torch_varlen_attn_gives_the_same_loss_and_gradients(cpu_flash_kernels, 
 
 
 def test_torch_varlen_attn_without_enable_gqa_repeats_heads_and_refuses_a_window(cpu_flash_kernels, monkeypatch):
-    monkeypatch.setattr(torch.nn.attention.varlen, "varlen_attn",
-                        _fake_torch_varlen_attn(cpu_flash_kernels, old_signature=True))  # fmt: skip
+    monkeypatch.setattr(
+        torch.nn.attention.varlen, "varlen_attn", _fake_torch_varlen_attn(cpu_flash_kernels, old_signature=True)
+    )
     _loss_and_grads_match("llama", "torch", cpu_flash_kernels)
     torch.manual_seed(0)
     model = fastsft.patch(make("mistral"), attention="torch")
@@ -193,8 +222,11 @@ def test_explicit_fastsft_is_the_default():
 def test_flash_kernels_need_cuda_half_precision_inputs(implementation):
     q = torch.randn(8, 2, 16)
     cu = torch.tensor([0, 3, 8], dtype=torch.int32)
-    with pytest.raises(ValueError, match=rf"implementation='{implementation}'\) runs FlashAttention CUDA kernels; "
-                                         r"q is on cpu"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=rf"implementation='{implementation}'\) runs FlashAttention CUDA kernels; "
+        r"q is on cpu",
+    ):
         varlen_attention(q, q, q, cu, 5, implementation=implementation)
 
 

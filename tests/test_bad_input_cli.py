@@ -13,8 +13,17 @@ GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "c
 
 
 def _train(tmp_path, data, *extra):
-    return main(["train", f"data.train={data}", "data.eval=null", f"output_dir={tmp_path / 'run'}",
-                 f"data.cache_dir={tmp_path / 'cache'}", "logging.progress_bar=false", *extra])  # fmt: skip
+    return main(
+        [
+            "train",
+            f"data.train={data}",
+            "data.eval=null",
+            f"output_dir={tmp_path / 'run'}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "logging.progress_bar=false",
+            *extra,
+        ]
+    )
 
 
 def _one_line_error(tmp_path, capsys, data, *extra) -> str:
@@ -94,8 +103,19 @@ def test_an_output_dir_that_is_a_file_or_inside_one(tmp_path, capsys, inside):
     blocker = tmp_path / "notes.txt"
     blocker.write_text("not a directory")
     output_dir = blocker / "run" if inside else blocker
-    assert main(["train", f"data.train={data}", "data.eval=null", f"output_dir={output_dir}",
-                 f"data.cache_dir={tmp_path / 'cache'}", "logging.progress_bar=false"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                f"data.train={data}",
+                "data.eval=null",
+                f"output_dir={output_dir}",
+                f"data.cache_dir={tmp_path / 'cache'}",
+                "logging.progress_bar=false",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"output_dir {output_dir}" in err[0], err
     assert ("which is a file" if inside else "is a file") in err[0]
@@ -103,8 +123,15 @@ def test_an_output_dir_that_is_a_file_or_inside_one(tmp_path, capsys, inside):
 
 
 def _train_model(tmp_path, model_dir):
-    return main(["train", f"model.name_or_path={model_dir}", f"output_dir={tmp_path / 'run'}",
-                 f"data.cache_dir={tmp_path / 'cache'}", "logging.progress_bar=false"])  # fmt: skip
+    return main(
+        [
+            "train",
+            f"model.name_or_path={model_dir}",
+            f"output_dir={tmp_path / 'run'}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "logging.progress_bar=false",
+        ]
+    )
 
 
 def test_an_empty_model_directory(tmp_path, capsys):
@@ -127,8 +154,19 @@ def test_a_model_directory_with_pickled_weights_only(tmp_path, capsys):
 
 
 def test_lora_target_modules_that_match_nothing_name_the_real_ones(tmp_path, capsys):
-    assert main(["train", "lora.enabled=true", "lora.target_modules=query,value", f"output_dir={tmp_path / 'run'}",
-                 f"data.cache_dir={tmp_path / 'cache'}", "logging.progress_bar=false"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "lora.enabled=true",
+                "lora.target_modules=query,value",
+                f"output_dir={tmp_path / 'run'}",
+                f"data.cache_dir={tmp_path / 'cache'}",
+                "logging.progress_bar=false",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "lora.target_modules=['query', 'value'] matches no module of this model" in err[0], err
     assert "q_proj" in err[0] and "v_proj" in err[0]

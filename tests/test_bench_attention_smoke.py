@@ -1,6 +1,6 @@
 """The varlen attention benchmark script still runs end to end: `--smoke` on CPU through the Triton interpreter.
 
-Benchmarks are not tests (DESIGN.md), but a script that only runs on a GPU rots unnoticed; the smoke run takes
+Benchmarks are not tests (ARCHITECTURE.md), but a script that only runs on a GPU rots unnoticed; the smoke run takes
 the same code paths (documents, fastsft and SDPA per document forward and forward + backward, parity, JSON,
 markdown tables, plot) at tiny fp32 shapes. The checks below recompute what the script derives (FLOPs from the
 document lengths, TFLOP/s) instead of trusting it. The length mixes of the real sweep are checked in-process.
@@ -45,8 +45,12 @@ def smoke(tmp_path_factory):
     env = {**os.environ, "TRITON_INTERPRET": "1", "FASTSFT_BACKEND": "triton"}
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--smoke", "--out", str(out_dir)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, f"stdout:\n{done.stdout[-4000:]}\nstderr:\n{done.stderr[-4000:]}"
     files = {ext: sorted(out_dir.glob(f"*.{ext}")) for ext in ("json", "md", "png")}
     assert all(len(found) == 1 for found in files.values()), files
@@ -81,8 +85,11 @@ def test_every_cell_measured_with_the_right_flops(smoke):
         config = entry["config"]
         lengths = mixes[f"{config['mix']} T={config['tokens']}"]["lengths"]
         assert sum(lengths) == config["tokens"] and len(lengths) >= 2 and min(lengths) >= 1
-        assert entry["docs"] == {"n_docs": len(lengths), "max_seqlen": max(lengths),
-                                 "sum_sq": sum(s * s for s in lengths)}  # fmt: skip
+        assert entry["docs"] == {
+            "n_docs": len(lengths),
+            "max_seqlen": max(lengths),
+            "sum_sq": sum(s * s for s in lengths),
+        }
         assert entry["flops"] == pytest.approx(expected_flops(config, lengths, entry["direction"]))
         if entry["impl"] in SMOKE_IMPLS:  # the rows a smoke run must produce
             assert entry["status"] == "ok", entry

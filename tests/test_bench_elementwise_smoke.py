@@ -1,6 +1,6 @@
 """The elementwise benchmark script still runs end to end: `--smoke` on CPU through the Triton interpreter.
 
-Benchmarks are not tests (DESIGN.md), but a script that only runs on a GPU rots unnoticed; the smoke run
+Benchmarks are not tests (ARCHITECTURE.md), but a script that only runs on a GPU rots unnoticed; the smoke run
 takes the same code paths (copy bandwidth, every op forward and backward, JSON, markdown table, plot) at
 tiny fp32 shapes. The checks below recompute what the script derives (bytes from the shapes, GB/s, % of
 copy bandwidth, speedups) instead of trusting it.
@@ -50,8 +50,12 @@ def smoke(tmp_path_factory):
     env = {**os.environ, "TRITON_INTERPRET": "1", "FASTSFT_BACKEND": "triton"}
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--smoke", "--out", str(out_dir)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, f"stdout:\n{done.stdout[-4000:]}\nstderr:\n{done.stderr[-4000:]}"
     files = {ext: sorted(out_dir.glob(f"*.{ext}")) for ext in ("json", "md", "png")}
     assert all(len(found) == 1 for found in files.values()), files
@@ -117,8 +121,11 @@ def test_every_cell_measured_with_the_right_bytes(smoke):
 
 def test_derived_targets(smoke):
     _, _, payload = smoke
-    fastsft = {(json.dumps(e["config"], sort_keys=True), e["direction"]): e
-               for e in payload["results"] if e["impl"] == "fastsft"}  # fmt: skip
+    fastsft = {
+        (json.dumps(e["config"], sort_keys=True), e["direction"]): e
+        for e in payload["results"]
+        if e["impl"] == "fastsft"
+    }
     derived = {(json.dumps(d["config"], sort_keys=True), d["direction"]): d for d in payload["derived"]}
     assert derived.keys() == fastsft.keys()
     for key, d in derived.items():

@@ -13,8 +13,11 @@ SCRIPT = REPO / "benchmarks" / "bench_packing.py"
 def test_packing_bench_smoke(tmp_path):
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--n", "3000", "--max-tokens", "8192", "--repeats", "2", "--out", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, f"stdout:\n{done.stdout[-4000:]}\nstderr:\n{done.stderr[-4000:]}"
 
     (json_path,) = tmp_path.glob("packing_*.json")

@@ -1,7 +1,7 @@
 """The end-to-end SFT benchmark still runs end to end and means what it says: `--dry-run` on the CPU, with
 fastsft's Triton kernels in the interpreter.
 
-Benchmarks are not tests (DESIGN.md), but this one also carries a correctness claim, the loss-curve parity
+Benchmarks are not tests (ARCHITECTURE.md), but this one also carries a correctness claim, the loss-curve parity
 of fastsft against the unpatched Hugging Face model; in the dry run (fp32) that parity is tight, so a kernel or
 a patch that changes the loss or its gradients fails here. The rows must also train the same objective on the
 same examples: their first losses agree, and so do their token counts.
@@ -31,8 +31,12 @@ def _run(out_dir: Path, *args: str, interpret: bool = True) -> subprocess.Comple
         env.update(TRITON_INTERPRET="1", FASTSFT_BACKEND="triton")
     return subprocess.run(
         [sys.executable, str(SCRIPT), *args, "--out", str(out_dir)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _files(out_dir: Path) -> dict[str, list[Path]]:
@@ -62,8 +66,18 @@ def test_result_files(dry_run):
     assert payload["parity"]["plot"] == payload["files"]["parity_png"]
 
     meta = payload["metadata"]
-    for key in ("gpu", "cuda", "torch", "triton", "transformers", "fastsft", "python", "git_revision", "date",
-                "command"):  # fmt: skip
+    for key in (
+        "gpu",
+        "cuda",
+        "torch",
+        "triton",
+        "transformers",
+        "fastsft",
+        "python",
+        "git_revision",
+        "date",
+        "command",
+    ):
         assert key in meta, key
     assert meta["gpu"] == "cpu" and meta["torch"] and meta["git_revision"] and "--dry-run" in meta["command"]
 
@@ -153,12 +167,25 @@ def test_loss_parity_with_unpatched_hf(dry_run):
 
 def test_out_of_budget_is_recorded_not_raised(tmp_path):
     """A zero budget measures nothing but still writes every file, each unmeasured item "out of time"."""
-    done = _run(tmp_path, "--dry-run", "--budget-s", "0", "--shapes", "qwen3-0.6b", "--rows", "hf_padded,fastsft",
-                "--parity-steps", "2", interpret=False)  # fmt: skip
+    done = _run(
+        tmp_path,
+        "--dry-run",
+        "--budget-s",
+        "0",
+        "--shapes",
+        "qwen3-0.6b",
+        "--rows",
+        "hf_padded,fastsft",
+        "--parity-steps",
+        "2",
+        interpret=False,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     payload = json.loads(_files(tmp_path)["json"][0].read_text())
-    assert [(e["row"], e["status"]) for e in payload["results"]] == [("hf_padded", "out of time"),
-                                                                     ("fastsft", "out of time")]  # fmt: skip
+    assert [(e["row"], e["status"]) for e in payload["results"]] == [
+        ("hf_padded", "out of time"),
+        ("fastsft", "out of time"),
+    ]
     assert payload["parity"]["status"] == "out of time" and payload["parity"]["steps"] == 0
 
 
@@ -168,8 +195,12 @@ def test_sigterm_writes_what_was_measured(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1", "FASTSFT_BACKEND": "triton"}
     process = subprocess.Popen(
         [sys.executable, str(SCRIPT), "--dry-run", "--out", str(tmp_path)],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     output = []
     for line in process.stdout:  # progress lines are flushed as they happen
         output.append(line)

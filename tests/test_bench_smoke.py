@@ -1,6 +1,6 @@
 """The cross-entropy benchmark script still runs end to end: `--smoke` on CPU through the Triton interpreter.
 
-Benchmarks are not tests (DESIGN.md), but a script that only runs on a GPU rots unnoticed; the smoke
+Benchmarks are not tests (ARCHITECTURE.md), but a script that only runs on a GPU rots unnoticed; the smoke
 run takes the same code paths (measure, JSON, markdown table, plot) at tiny fp32 shapes.
 """
 
@@ -22,8 +22,12 @@ def _run_smoke(out_dir: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "TRITON_INTERPRET": "1", "FASTSFT_BACKEND": "triton"}
     return subprocess.run(
         [sys.executable, str(SCRIPT), "--smoke", "--out", str(out_dir)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _config_key(config: dict) -> tuple:
@@ -75,8 +79,11 @@ def test_kernel_benches_need_cuda_without_smoke(tmp_path, script):
         return  # the check below is about machines without a GPU
     done = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / script), "--quick", "--out", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2, done
     assert "needs a CUDA GPU" in done.stderr
     assert not any(tmp_path.iterdir())

@@ -52,8 +52,9 @@ def test_large_vocabulary_fp32(triton_backend):
     logits = _logits(n, v, torch.float32)
     labels = make_labels(n, v, 0.3, DEVICE)
     loss, (grad,) = loss_and_grads(lambda x: cross_entropy(x, labels, z_loss=1e-4), [logits])
-    exact_loss, (exact_grad,) = loss_and_grads(lambda x: reference.cross_entropy(x, labels, z_loss=1e-4),
-                                               exact_copies(logits))  # fmt: skip
+    exact_loss, (exact_grad,) = loss_and_grads(
+        lambda x: reference.cross_entropy(x, labels, z_loss=1e-4), exact_copies(logits)
+    )
     assert_close_fp32("loss", loss, exact_loss)
     assert_close_fp32("d logits", grad, exact_grad)
 
@@ -70,8 +71,9 @@ def test_low_precision_error_within_twice_torch_error(triton_backend, shape, opt
     lowp_loss, (lowp_grad,) = loss_and_grads(
         lambda x: torch_lowp_cross_entropy(x, labels, **opts), [logits.detach().clone().requires_grad_()]
     )
-    exact_loss, (exact_grad,) = loss_and_grads(lambda x: reference.cross_entropy(x, labels, **opts),
-                                               exact_copies(logits))  # fmt: skip
+    exact_loss, (exact_grad,) = loss_and_grads(
+        lambda x: reference.cross_entropy(x, labels, **opts), exact_copies(logits)
+    )
     assert grad.dtype == dtype
     assert_within_torch_error("loss", loss, lowp_loss, exact_loss)
     assert_within_torch_error("d logits", grad, lowp_grad, exact_grad)

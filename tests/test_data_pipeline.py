@@ -356,8 +356,15 @@ def test_cache_key_sees_every_element_of_array_records(tmp_path, tokenizer):
     assert first.path != second.path and int(second[0][0][2500]) == 8
 
 
-@pytest.mark.parametrize("change", [{"format": "chat"}, {"on_bad_record": "skip"}, {"mask_method": "prefix"},
-                                    {"chat_template_kwargs": {"enable_thinking": False}}])  # fmt: skip
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"format": "chat"},
+        {"on_bad_record": "skip"},
+        {"mask_method": "prefix"},
+        {"chat_template_kwargs": {"enable_thinking": False}},
+    ],
+)
 def test_more_options_miss_the_cache(tmp_path, tokenizer, data_file, change):
     base = prepare_dataset(data_file, tokenizer, cache_dir=tmp_path)
     assert prepare_dataset(data_file, tokenizer, cache_dir=tmp_path, **change).path != base.path
@@ -413,8 +420,9 @@ def test_the_cache_is_on_disk_before_it_is_published(tmp_path, tokenizer, data_f
     monkeypatch.setattr(dataset, "fsync_tree", lambda path: events.append(("tree", path.name)))
     monkeypatch.setattr(dataset, "fsync_path", lambda path: events.append(("dir", path.name)))
     real_replace = os.replace
-    monkeypatch.setattr(dataset.os, "replace", lambda a, b: (events.append(("rename", Path(b).name)),
-                                                             real_replace(a, b))[1])  # fmt: skip
+    monkeypatch.setattr(
+        dataset.os, "replace", lambda a, b: (events.append(("rename", Path(b).name)), real_replace(a, b))[1]
+    )
     data = prepare_dataset(data_file, tokenizer, max_seq_len=4096, cache_dir=tmp_path / "cache")
     assert [kind for kind, _ in events] == ["tree", "rename", "dir"]
     assert events[0][1].startswith(f".{data.path.name}.partial-") and events[1][1] == data.path.name

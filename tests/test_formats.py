@@ -28,40 +28,58 @@ needs_datasets = pytest.mark.skipif(datasets is None, reason="datasets is not in
 CASES = {
     "chat": (
         [
-            {"messages": [
-                {"role": "system", "content": "Be brief."},
-                {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Hello"},
-            ]},
+            {
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello"},
+                ]
+            },
             {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}], "id": 7},
         ],
         [
-            {"kind": "messages", "first_trainable": 0, "messages": [
-                {"role": "system", "content": "Be brief."},
-                {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Hello"},
-            ]},
-            {"kind": "messages", "first_trainable": 0,
-             "messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
+            {
+                "kind": "messages",
+                "first_trainable": 0,
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello"},
+                ],
+            },
+            {
+                "kind": "messages",
+                "first_trainable": 0,
+                "messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+            },
         ],
     ),
     "sharegpt": (
         [
             {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
-            {"conversations": [
-                {"from": "system", "value": "Sys"},
-                {"from": "user", "value": "Q"},
-                {"from": "assistant", "value": "A"},
-            ]},
+            {
+                "conversations": [
+                    {"from": "system", "value": "Sys"},
+                    {"from": "user", "value": "Q"},
+                    {"from": "assistant", "value": "A"},
+                ]
+            },
         ],
         [
-            {"kind": "messages", "first_trainable": 0,
-             "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
-            {"kind": "messages", "first_trainable": 0, "messages": [
-                {"role": "system", "content": "Sys"},
-                {"role": "user", "content": "Q"},
-                {"role": "assistant", "content": "A"},
-            ]},
+            {
+                "kind": "messages",
+                "first_trainable": 0,
+                "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+            },
+            {
+                "kind": "messages",
+                "first_trainable": 0,
+                "messages": [
+                    {"role": "system", "content": "Sys"},
+                    {"role": "user", "content": "Q"},
+                    {"role": "assistant", "content": "A"},
+                ],
+            },
         ],
     ),
     "prompt_completion": (
@@ -77,13 +95,20 @@ CASES = {
             {"instruction": "Say hi.", "input": "", "output": "Hi!"},
         ],
         [
-            {"kind": "messages", "first_trainable": 0, "messages": [
-                {"role": "system", "content": "Be terse."},
-                {"role": "user", "content": "Add.\n\n2+2"},
-                {"role": "assistant", "content": "4"},
-            ]},
-            {"kind": "messages", "first_trainable": 0,
-             "messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}]},
+            {
+                "kind": "messages",
+                "first_trainable": 0,
+                "messages": [
+                    {"role": "system", "content": "Be terse."},
+                    {"role": "user", "content": "Add.\n\n2+2"},
+                    {"role": "assistant", "content": "4"},
+                ],
+            },
+            {
+                "kind": "messages",
+                "first_trainable": 0,
+                "messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}],
+            },
         ],
     ),
     "text": (
@@ -97,7 +122,7 @@ CASES = {
             {"kind": "tokens", "input_ids": [3, 4], "labels": None},
         ],
     ),
-}  # fmt: skip
+}
 
 
 def write_jsonl(path, rows):
@@ -183,10 +208,20 @@ def test_developer_role_is_system():
 
 @pytest.mark.parametrize(
     "name, role",
-    [("human", "user"), ("user", "user"), ("gpt", "assistant"), ("assistant", "assistant"), ("chatgpt", "assistant"),
-     ("model", "assistant"), ("function_call", "assistant"), ("system", "system"), ("tool", "tool"),
-     ("function", "tool"), ("observation", "tool")],
-)  # fmt: skip
+    [
+        ("human", "user"),
+        ("user", "user"),
+        ("gpt", "assistant"),
+        ("assistant", "assistant"),
+        ("chatgpt", "assistant"),
+        ("model", "assistant"),
+        ("function_call", "assistant"),
+        ("system", "system"),
+        ("tool", "tool"),
+        ("function", "tool"),
+        ("observation", "tool"),
+    ],
+)
 def test_sharegpt_role_aliases(name, role):
     turns = [{"from": name, "value": "x"}, {"from": "gpt", "value": "y"}]
     [record], _ = load_records([{"conversations": turns}])
@@ -223,8 +258,12 @@ def test_columnar_nulls_are_not_passed_through(tmp_path):
 
 
 def test_prompt_completion_as_messages_marks_first_trainable():
-    prompt = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"},
-              {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}]  # fmt: skip
+    prompt = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "Q1"},
+        {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "Q2"},
+    ]
     completion = [{"role": "assistant", "content": "A2"}]
     [record], report = load_records([{"prompt": prompt, "completion": completion}])
     assert record.kind == "messages" and record.first_trainable == 4
@@ -292,8 +331,15 @@ def test_detection_failure_lists_keys_seen_and_formats(tmp_path):
         load_records(path, on_bad_record="skip")  # not skippable: the file's format is unknown
     message = str(caught.value)
     assert message.startswith(f"{path}:1: cannot detect the format from the keys ['answer', 'question']")
-    for keys in ("chat {messages}", "sharegpt {conversations}", "prompt_completion {prompt, completion}",
-                 "alpaca {instruction, output}", "tokenized {input_ids}", "text {text}", "format="):  # fmt: skip
+    for keys in (
+        "chat {messages}",
+        "sharegpt {conversations}",
+        "prompt_completion {prompt, completion}",
+        "alpaca {instruction, output}",
+        "tokenized {input_ids}",
+        "text {text}",
+        "format=",
+    ):
         assert keys in message
 
 
@@ -371,85 +417,215 @@ ASSISTANT = {"role": "assistant", "content": "A"}
 BAD_RECORDS = {
     "invalid JSON": ("chat", '{"messages": [', None, "invalid JSON: Expecting value (column 15)", "invalid JSON"),
     "not an object": ("chat", "[1, 2]", None, "expected a JSON object, got a list", "not an object"),
-    "missing field": ("chat", json.dumps({"text": "T"}), "messages", "missing (format chat, detected from {path}:1)",
-                      "missing field"),
-    "messages not a list": ("chat", json.dumps({"messages": "hi"}), "messages",
-                            "expected a list of messages, got a string", "wrong type"),
-    "message not an object": ("chat", json.dumps(chat(USER, "A")), "messages[1]",
-                              "expected a message object, got a string", "wrong type"),
-    "role missing": ("chat", json.dumps(chat({"content": "Q"}, ASSISTANT)), "messages[0].role", "missing",
-                     "missing field"),
-    "role not a string": ("chat", json.dumps(chat({"role": 1, "content": "Q"}, ASSISTANT)), "messages[0].role",
-                          "expected a string, got a number", "wrong type"),
-    "content missing": ("chat", json.dumps(chat(USER, {"role": "assistant"})), "messages[1].content", "missing",
-                        "missing field"),
-    "content null": ("chat", json.dumps(chat(USER, {"role": "assistant", "content": None})), "messages[1].content",
-                     "expected a string or a list of text parts, got null", "wrong type"),
-    "content a number": ("chat", json.dumps(chat(USER, {"role": "assistant", "content": 4})), "messages[1].content",
-                         "expected a string or a list of text parts, got a number", "wrong type"),
-    "unknown role": ("chat", json.dumps(chat(USER, ASSISTANT, {"role": "bot", "content": "x"})), "messages[2].role",
-                     "unknown role 'bot' (known: system, user, assistant, tool; aliases: developer, model, ipython, "
-                     "function)", "unknown role"),
-    "image part": ("chat", json.dumps(chat({"role": "user", "content": [{"type": "image_url", "image_url": "u"}]},
-                                           ASSISTANT)),
-                   "messages[0].content[0].type",
-                   "unsupported content part type 'image_url': only text parts are supported (no images)",
-                   "unsupported content"),
-    "text part without text": ("chat", json.dumps(chat({"role": "user", "content": [{"type": "text"}]}, ASSISTANT)),
-                               "messages[0].content[0].text", "expected a string, got null", "wrong type"),
+    "missing field": (
+        "chat",
+        json.dumps({"text": "T"}),
+        "messages",
+        "missing (format chat, detected from {path}:1)",
+        "missing field",
+    ),
+    "messages not a list": (
+        "chat",
+        json.dumps({"messages": "hi"}),
+        "messages",
+        "expected a list of messages, got a string",
+        "wrong type",
+    ),
+    "message not an object": (
+        "chat",
+        json.dumps(chat(USER, "A")),
+        "messages[1]",
+        "expected a message object, got a string",
+        "wrong type",
+    ),
+    "role missing": (
+        "chat",
+        json.dumps(chat({"content": "Q"}, ASSISTANT)),
+        "messages[0].role",
+        "missing",
+        "missing field",
+    ),
+    "role not a string": (
+        "chat",
+        json.dumps(chat({"role": 1, "content": "Q"}, ASSISTANT)),
+        "messages[0].role",
+        "expected a string, got a number",
+        "wrong type",
+    ),
+    "content missing": (
+        "chat",
+        json.dumps(chat(USER, {"role": "assistant"})),
+        "messages[1].content",
+        "missing",
+        "missing field",
+    ),
+    "content null": (
+        "chat",
+        json.dumps(chat(USER, {"role": "assistant", "content": None})),
+        "messages[1].content",
+        "expected a string or a list of text parts, got null",
+        "wrong type",
+    ),
+    "content a number": (
+        "chat",
+        json.dumps(chat(USER, {"role": "assistant", "content": 4})),
+        "messages[1].content",
+        "expected a string or a list of text parts, got a number",
+        "wrong type",
+    ),
+    "unknown role": (
+        "chat",
+        json.dumps(chat(USER, ASSISTANT, {"role": "bot", "content": "x"})),
+        "messages[2].role",
+        "unknown role 'bot' (known: system, user, assistant, tool; aliases: developer, model, ipython, function)",
+        "unknown role",
+    ),
+    "image part": (
+        "chat",
+        json.dumps(chat({"role": "user", "content": [{"type": "image_url", "image_url": "u"}]}, ASSISTANT)),
+        "messages[0].content[0].type",
+        "unsupported content part type 'image_url': only text parts are supported (no images)",
+        "unsupported content",
+    ),
+    "text part without text": (
+        "chat",
+        json.dumps(chat({"role": "user", "content": [{"type": "text"}]}, ASSISTANT)),
+        "messages[0].content[0].text",
+        "expected a string, got null",
+        "wrong type",
+    ),
     "empty conversation": ("chat", json.dumps(chat()), "messages", "empty conversation", "empty conversation"),
-    "no assistant turn": ("chat", json.dumps(chat(USER)), "messages", "no assistant message: nothing to train on",
-                          "no assistant turn"),
+    "no assistant turn": (
+        "chat",
+        json.dumps(chat(USER)),
+        "messages",
+        "no assistant message: nothing to train on",
+        "no assistant turn",
+    ),
     "sharegpt unknown from": (
-        "sharegpt", json.dumps({"conversations": [{"from": "human", "value": "Q"}, {"from": "bot", "value": "A"}]}),
+        "sharegpt",
+        json.dumps({"conversations": [{"from": "human", "value": "Q"}, {"from": "bot", "value": "A"}]}),
         "conversations[1].from",
         "unknown role 'bot' (known: human, user, gpt, assistant, chatgpt, model, function_call, system, tool, "
         "function, observation)",
-        "unknown role"),
-    "sharegpt no assistant": ("sharegpt", json.dumps({"conversations": [{"from": "human", "value": "Q"}]}),
-                              "conversations", "no assistant message: nothing to train on", "no assistant turn"),
-    "sharegpt value missing": ("sharegpt", json.dumps({"conversations": [{"from": "gpt"}]}),
-                               "conversations[0].value", "missing", "missing field"),
-    "prompt_completion mixed": ("prompt_completion", json.dumps({"prompt": "Q", "completion": [ASSISTANT]}),
-                                "completion",
-                                "a list but prompt is a string: both must be strings or both message lists",
-                                "wrong type"),
-    "prompt_completion number": ("prompt_completion", json.dumps({"prompt": 3, "completion": "A"}), "prompt",
-                                 "expected a string or a list of messages, got a number", "wrong type"),
-    "prompt_completion empty completion": ("prompt_completion", json.dumps({"prompt": "Q", "completion": ""}),
-                                           "completion", "empty", "empty text"),
-    "prompt_completion no assistant": ("prompt_completion",
-                                       json.dumps({"prompt": [USER], "completion": [USER]}), "completion",
-                                       "no assistant message: nothing to train on", "no assistant turn"),
-    "prompt_completion bad prompt role": ("prompt_completion",
-                                          json.dumps({"prompt": [{"role": "bot", "content": "Q"}],
-                                                      "completion": [ASSISTANT]}),
-                                          "prompt[0].role",
-                                          "unknown role 'bot' (known: system, user, assistant, tool; aliases: "
-                                          "developer, model, ipython, function)", "unknown role"),
-    "alpaca missing output": ("alpaca", json.dumps({"instruction": "Q"}), "output",
-                              "missing (format alpaca, detected from {path}:1)", "missing field"),
-    "alpaca empty output": ("alpaca", json.dumps({"instruction": "Q", "output": " "}), "output", "whitespace only",
-                            "no assistant turn"),
-    "alpaca input a list": ("alpaca", json.dumps({"instruction": "Q", "input": ["x"], "output": "A"}), "input",
-                            "expected a string, got a list", "wrong type"),
+        "unknown role",
+    ),
+    "sharegpt no assistant": (
+        "sharegpt",
+        json.dumps({"conversations": [{"from": "human", "value": "Q"}]}),
+        "conversations",
+        "no assistant message: nothing to train on",
+        "no assistant turn",
+    ),
+    "sharegpt value missing": (
+        "sharegpt",
+        json.dumps({"conversations": [{"from": "gpt"}]}),
+        "conversations[0].value",
+        "missing",
+        "missing field",
+    ),
+    "prompt_completion mixed": (
+        "prompt_completion",
+        json.dumps({"prompt": "Q", "completion": [ASSISTANT]}),
+        "completion",
+        "a list but prompt is a string: both must be strings or both message lists",
+        "wrong type",
+    ),
+    "prompt_completion number": (
+        "prompt_completion",
+        json.dumps({"prompt": 3, "completion": "A"}),
+        "prompt",
+        "expected a string or a list of messages, got a number",
+        "wrong type",
+    ),
+    "prompt_completion empty completion": (
+        "prompt_completion",
+        json.dumps({"prompt": "Q", "completion": ""}),
+        "completion",
+        "empty",
+        "empty text",
+    ),
+    "prompt_completion no assistant": (
+        "prompt_completion",
+        json.dumps({"prompt": [USER], "completion": [USER]}),
+        "completion",
+        "no assistant message: nothing to train on",
+        "no assistant turn",
+    ),
+    "prompt_completion bad prompt role": (
+        "prompt_completion",
+        json.dumps({"prompt": [{"role": "bot", "content": "Q"}], "completion": [ASSISTANT]}),
+        "prompt[0].role",
+        "unknown role 'bot' (known: system, user, assistant, tool; aliases: developer, model, ipython, function)",
+        "unknown role",
+    ),
+    "alpaca missing output": (
+        "alpaca",
+        json.dumps({"instruction": "Q"}),
+        "output",
+        "missing (format alpaca, detected from {path}:1)",
+        "missing field",
+    ),
+    "alpaca empty output": (
+        "alpaca",
+        json.dumps({"instruction": "Q", "output": " "}),
+        "output",
+        "whitespace only",
+        "no assistant turn",
+    ),
+    "alpaca input a list": (
+        "alpaca",
+        json.dumps({"instruction": "Q", "input": ["x"], "output": "A"}),
+        "input",
+        "expected a string, got a list",
+        "wrong type",
+    ),
     "empty text": ("text", json.dumps({"text": ""}), "text", "empty", "empty text"),
-    "text not a string": ("text", json.dumps({"text": ["a"]}), "text", "expected a string, got a list",
-                          "wrong type"),
-    "negative token id": ("tokenized", json.dumps({"input_ids": [1, -2, 3]}), "input_ids[1]",
-                          "negative token id -2", "negative token id"),
-    "float token": ("tokenized", json.dumps({"input_ids": [1, 2.5]}), "input_ids[1]",
-                    "expected an integer, got a number", "wrong type"),
-    "bool token": ("tokenized", json.dumps({"input_ids": [1, True]}), "input_ids[1]",
-                   "expected an integer, got a boolean", "wrong type"),
+    "text not a string": ("text", json.dumps({"text": ["a"]}), "text", "expected a string, got a list", "wrong type"),
+    "negative token id": (
+        "tokenized",
+        json.dumps({"input_ids": [1, -2, 3]}),
+        "input_ids[1]",
+        "negative token id -2",
+        "negative token id",
+    ),
+    "float token": (
+        "tokenized",
+        json.dumps({"input_ids": [1, 2.5]}),
+        "input_ids[1]",
+        "expected an integer, got a number",
+        "wrong type",
+    ),
+    "bool token": (
+        "tokenized",
+        json.dumps({"input_ids": [1, True]}),
+        "input_ids[1]",
+        "expected an integer, got a boolean",
+        "wrong type",
+    ),
     "empty input_ids": ("tokenized", json.dumps({"input_ids": []}), "input_ids", "empty", "empty input_ids"),
-    "labels length": ("tokenized", json.dumps({"input_ids": [1, 2, 3], "labels": [1, 2]}), "labels",
-                      "2 labels for 3 input_ids (they must have the same length)", "labels length mismatch"),
-    "shifted label": ("tokenized", json.dumps({"input_ids": [1, 2, 3], "labels": [2, 3, -100]}), "labels[0]",
-                      "2 is neither -100 nor input_ids[0] = 1 (labels are unshifted)", "bad label"),
-    "all labels ignored": ("tokenized", json.dumps({"input_ids": [1, 2], "labels": [-100, -100]}), "labels",
-                           "every label is -100: nothing to train on", "no trained tokens"),
-}  # fmt: skip
+    "labels length": (
+        "tokenized",
+        json.dumps({"input_ids": [1, 2, 3], "labels": [1, 2]}),
+        "labels",
+        "2 labels for 3 input_ids (they must have the same length)",
+        "labels length mismatch",
+    ),
+    "shifted label": (
+        "tokenized",
+        json.dumps({"input_ids": [1, 2, 3], "labels": [2, 3, -100]}),
+        "labels[0]",
+        "2 is neither -100 nor input_ids[0] = 1 (labels are unshifted)",
+        "bad label",
+    ),
+    "all labels ignored": (
+        "tokenized",
+        json.dumps({"input_ids": [1, 2], "labels": [-100, -100]}),
+        "labels",
+        "every label is -100: nothing to train on",
+        "no trained tokens",
+    ),
+}
 
 
 def bad_file(tmp_path, case):

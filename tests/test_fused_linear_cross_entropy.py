@@ -76,8 +76,7 @@ def test_bf16_error_within_twice_torch_bf16_error(triton_backend, shape, ignored
     )
     exact_loss, exact_grads = loss_and_grads(_oracle(labels, **opts), exact_copies(*inputs))
     assert_within_torch_error("loss", loss, lowp_loss, exact_loss)
-    for name, got, lowp, want in zip(("d hidden", "d weight", "d bias"), grads, lowp_grads, exact_grads,
-                                     strict=False):  # fmt: skip
+    for name, got, lowp, want in zip(("d hidden", "d weight", "d bias"), grads, lowp_grads, exact_grads, strict=False):
         assert got.dtype == torch.bfloat16
         assert_within_torch_error(name, got, lowp, want)
 

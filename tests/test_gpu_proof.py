@@ -24,8 +24,13 @@ PART_NAMES = [part.name for part in gpu_proof.PARTS]
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("proof") / "out"
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_proof.py"), "--dry-run", "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_proof.py"), "--dry-run", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     return done, out
 
 
@@ -107,9 +112,23 @@ def test_time_left_unused_passes_to_the_next_part():
 
 def test_no_time_left_skips_a_part_but_still_bundles(tmp_path):
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_proof.py"), "--dry-run", "--out", str(out),
-                           "--budget-s", "16", "--parts", "bench_elementwise"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "gpu_proof.py"),
+            "--dry-run",
+            "--out",
+            str(out),
+            "--budget-s",
+            "16",
+            "--parts",
+            "bench_elementwise",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert [p["status"] for p in summary["parts"]] == ["skipped: no time left"]

@@ -27,10 +27,12 @@ def test_torch_compile_fullgraph(triton_backend, compile_backend, reduction):
     compiled = torch.compile(step, fullgraph=True, backend=compile_backend)
     loss, grads = loss_and_grads(lambda h, w, b: compiled(h, w, b, labels), [hidden, weight, bias])
     exact_loss, exact_grads = loss_and_grads(
-        lambda h, w, b: reference.fused_linear_cross_entropy(h, w, labels, bias=b, reduction=reduction, softcap=5.0)
-        .sum() + 0.5 * reference.cross_entropy((h[:3] @ w.T).detach(), labels[:3], label_smoothing=0.1),
+        lambda h, w, b: (
+            reference.fused_linear_cross_entropy(h, w, labels, bias=b, reduction=reduction, softcap=5.0).sum()
+            + 0.5 * reference.cross_entropy((h[:3] @ w.T).detach(), labels[:3], label_smoothing=0.1)
+        ),
         exact_copies(hidden, weight, bias),
-    )  # fmt: skip
+    )
     assert_close_fp32("loss", loss, exact_loss)
     for name, got, want in zip(("d hidden", "d weight", "d bias"), grads, exact_grads, strict=True):
         assert_close_fp32(name, got, want)
@@ -41,11 +43,13 @@ def test_compiled_backward_with_expanded_incoming_gradient(triton_backend):
     torch._dynamo.reset()
     hidden, weight = make_linear_inputs(21, 32, 50, torch.float32, DEVICE)
     labels = make_labels(21, 50, 0.3, DEVICE)
-    compiled = torch.compile(lambda h, w: fused_linear_cross_entropy(h, w, labels, reduction="none").sum(),
-                             fullgraph=True)  # fmt: skip
+    compiled = torch.compile(
+        lambda h, w: fused_linear_cross_entropy(h, w, labels, reduction="none").sum(), fullgraph=True
+    )
     _, grads = loss_and_grads(compiled, [hidden, weight])
-    _, exact = loss_and_grads(lambda h, w: reference.fused_linear_cross_entropy(h, w, labels, reduction="sum"),
-                              exact_copies(hidden, weight))  # fmt: skip
+    _, exact = loss_and_grads(
+        lambda h, w: reference.fused_linear_cross_entropy(h, w, labels, reduction="sum"), exact_copies(hidden, weight)
+    )
     assert_close_fp32("d hidden", grads[0], exact[0])
     assert_close_fp32("d weight", grads[1], exact[1])
 
@@ -214,10 +218,13 @@ def test_fp16_with_a_loss_scaler(backend, monkeypatch):
     labels = make_labels(300, 400, 0.3, DEVICE)
     scale = 65536.0
     _, grads = loss_and_grads(lambda h, w: fused_linear_cross_entropy(h, w, labels) * scale, [hidden, weight])
-    _, torch_grads = loss_and_grads(lambda h, w: torch_lowp_linear_cross_entropy(h, w, labels) * scale,
-                                    [t.detach().clone().requires_grad_() for t in (hidden, weight)])  # fmt: skip
-    _, exact = loss_and_grads(lambda h, w: reference.fused_linear_cross_entropy(h, w, labels) * scale,
-                              exact_copies(hidden, weight))  # fmt: skip
+    _, torch_grads = loss_and_grads(
+        lambda h, w: torch_lowp_linear_cross_entropy(h, w, labels) * scale,
+        [t.detach().clone().requires_grad_() for t in (hidden, weight)],
+    )
+    _, exact = loss_and_grads(
+        lambda h, w: reference.fused_linear_cross_entropy(h, w, labels) * scale, exact_copies(hidden, weight)
+    )
     for got, theirs, want in zip(grads, torch_grads, exact, strict=True):
         assert torch.isfinite(got).all()
         err = (got.double() - want).norm() / want.norm()

@@ -26,9 +26,17 @@ def _outputs_and_grads(module, x):
 
 
 # Gemma3n's norm is x_hat * w and Qwen3-Next's is x_hat * (1 + w): the form is measured, not guessed from names.
-@pytest.mark.parametrize("hf_class, offset", [(LlamaRMSNorm, 0.0), (Qwen3RMSNorm, 0.0), (GemmaRMSNorm, 1.0),
-                                              (Gemma3RMSNorm, 1.0), (Gemma3nRMSNorm, 0.0),
-                                              (Qwen3NextRMSNorm, 1.0)])  # fmt: skip
+@pytest.mark.parametrize(
+    "hf_class, offset",
+    [
+        (LlamaRMSNorm, 0.0),
+        (Qwen3RMSNorm, 0.0),
+        (GemmaRMSNorm, 1.0),
+        (Gemma3RMSNorm, 1.0),
+        (Gemma3nRMSNorm, 0.0),
+        (Qwen3NextRMSNorm, 1.0),
+    ],
+)
 def test_rms_norm_replaces_hf_norms(triton_backend, hf_class, offset):
     hf = hf_class(48, eps=1e-5).to(DEVICE)
     with torch.no_grad():
@@ -59,8 +67,9 @@ def test_gated_mlp_replaces_hf_mlp(triton_backend, family):
     if family == "llama":
         hf = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=88, hidden_act="silu")).to(DEVICE)
     else:  # Gemma's config carries both hidden_act and hidden_activation: the module's act_fn decides
-        config = GemmaConfig(hidden_size=32, intermediate_size=88, hidden_act="gelu_pytorch_tanh",
-                             hidden_activation="gelu_pytorch_tanh")  # fmt: skip
+        config = GemmaConfig(
+            hidden_size=32, intermediate_size=88, hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh"
+        )
         hf = GemmaMLP(config)
     hf = hf.to(DEVICE)
     ours = GatedMLP.from_hf(hf)

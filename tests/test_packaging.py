@@ -165,8 +165,10 @@ def test_wheel_contains_kernels_and_native_extension(tmp_path):
     wheels = tmp_path / "wheels"
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = wheels.glob("fastsft-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -178,8 +180,10 @@ def test_wheel_contains_kernels_and_native_extension(tmp_path):
     target = tmp_path / "site"
     install = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert install.returncode == 0, install.stderr[-3000:]
     probe = "import fastsft, fastsft.kernels.cross_entropy as k; print(fastsft.__file__); print(k.__file__)"
     env = dict(os.environ, PYTHONPATH=str(target))
@@ -201,9 +205,13 @@ def test_cli_train_default_job_learns_the_held_out_tasks(tmp_path):
     """The README's main job, shortened to stay fast in CI (the full default runs 2000 steps, ~2 min on 2
     cores): held-out exact match must rise from near zero to a clear share."""
     result = _cli(
-        "train", f"output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}", "schedule.max_steps=800",
-        "logging.progress_bar=false", timeout=900,
-    )  # fmt: skip
+        "train",
+        f"output_dir={tmp_path / 'run'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "schedule.max_steps=800",
+        "logging.progress_bar=false",
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     match = re.search(r"held-out exact match: ([\d.]+)% before training -> ([\d.]+)% after", result.stdout)
     assert match, result.stdout[-3000:]
@@ -246,7 +254,7 @@ def test_patch_stays_callable_whatever_is_imported_first():
 
 
 def test_the_public_face_and_lazy_subpackages():
-    """DESIGN.md: `fastsft` exposes patch, unpatch, __version__, and train/data on first use (importing
+    """ARCHITECTURE.md: `fastsft` exposes patch, unpatch, __version__, and train/data on first use (importing
     fastsft alone does not import them)."""
     code = (
         "import sys, fastsft\n"

@@ -28,9 +28,15 @@ import fastsft.patch.modules as patch_modules
 
 VOCAB = 101
 COMMON = dict(
-    vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=512, attention_dropout=0.0,
-)  # fmt: skip
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    attention_dropout=0.0,
+)
 
 
 def make(family: str, **overrides):
@@ -46,15 +52,24 @@ def make(family: str, **overrides):
         config, cls = Qwen3Config(**COMMON, head_dim=16), Qwen3ForCausalLM
     elif family == "gemma2":
         config = Gemma2Config(
-            **COMMON, head_dim=16, sliding_window=6, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
-            query_pre_attn_scalar=24, hidden_activation="gelu_pytorch_tanh",
-        )  # fmt: skip
+            **COMMON,
+            head_dim=16,
+            sliding_window=6,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=3.0,
+            query_pre_attn_scalar=24,
+            hidden_activation="gelu_pytorch_tanh",
+        )
         cls = Gemma2ForCausalLM
     elif family == "gemma3":
         config = Gemma3TextConfig(
-            **COMMON, head_dim=16, sliding_window=6, final_logit_softcapping=3.0, query_pre_attn_scalar=24,
+            **COMMON,
+            head_dim=16,
+            sliding_window=6,
+            final_logit_softcapping=3.0,
+            query_pre_attn_scalar=24,
             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-        )  # fmt: skip
+        )
         cls = Gemma3ForCausalLM
     else:
         raise ValueError(family)
@@ -156,9 +171,14 @@ def test_flattening_collator_kwargs_and_fastsft_shift_labels():
     cu = torch.tensor([0, *torch.tensor(DOC_LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
     out_ref = ref(input_ids=ids, position_ids=position_ids, labels=labels, use_cache=False)
     out = patched(
-        input_ids=ids, position_ids=position_ids, labels=labels,
-        cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(DOC_LENGTHS), max_length_k=max(DOC_LENGTHS),
-    )  # fmt: skip
+        input_ids=ids,
+        position_ids=position_ids,
+        labels=labels,
+        cu_seq_lens_q=cu,
+        cu_seq_lens_k=cu,
+        max_length_q=max(DOC_LENGTHS),
+        max_length_k=max(DOC_LENGTHS),
+    )
     torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-5, atol=1e-6)
     shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
     out_shift = patched(input_ids=ids, position_ids=position_ids, shift_labels=shifted)
@@ -374,8 +394,10 @@ def test_deepcopy_and_pickle_of_a_patched_model(tmp_path):
     clone = copy.deepcopy(patched)
     torch.testing.assert_close(clone(input_ids=ids, position_ids=position_ids, labels=labels).loss, expected)
     fastsft.unpatch(clone)
-    assert torch.equal(clone(input_ids=ids, position_ids=position_ids, labels=labels, use_cache=False).loss,
-                       ref(input_ids=ids, position_ids=position_ids, labels=labels, use_cache=False).loss)  # fmt: skip
+    assert torch.equal(
+        clone(input_ids=ids, position_ids=position_ids, labels=labels, use_cache=False).loss,
+        ref(input_ids=ids, position_ids=position_ids, labels=labels, use_cache=False).loss,
+    )
     torch.save(patched, tmp_path / "model.pt")
     loaded = torch.load(tmp_path / "model.pt", weights_only=False)
     torch.testing.assert_close(loaded(input_ids=ids, position_ids=position_ids, labels=labels).loss, expected)
@@ -417,8 +439,9 @@ def test_moe_router_loss_keeps_the_models_own_loss():
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
-    config = MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
-                           router_aux_loss_coef=0.5)  # fmt: skip
+    config = MixtralConfig(
+        **COMMON, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.5
+    )
     config._attn_implementation = "eager"
     ref = MixtralForCausalLM(config)
     patched = copy.deepcopy(ref)

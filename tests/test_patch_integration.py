@@ -28,10 +28,20 @@ def _train_with_trainer(model, tmp_path, collator):
     from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-        learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0,
-        data_seed=0, dataloader_num_workers=0, disable_tqdm=True,
-    )  # fmt: skip
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(_rows(32)), data_collator=collator)
     trainer.train()
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -71,10 +81,20 @@ def test_trl_sft_trainer_runs_the_patched_model(tmp_path):
 
     def run(model, out):
         config = SFTConfig(
-            output_dir=str(out), max_steps=3, per_device_train_batch_size=4, padding_free=True, report_to=[],
-            save_strategy="no", use_cpu=True, logging_steps=1, learning_rate=1e-3, disable_tqdm=True, seed=0,
-            data_seed=0, max_length=None,
-        )  # fmt: skip
+            output_dir=str(out),
+            max_steps=3,
+            per_device_train_batch_size=4,
+            padding_free=True,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            logging_steps=1,
+            learning_rate=1e-3,
+            disable_tqdm=True,
+            seed=0,
+            data_seed=0,
+            max_length=None,
+        )
         trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
         trainer.train()
         return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -208,9 +228,12 @@ def test_readme_loop_fastsft_data_into_a_patched_model(tmp_path):
     supervised = sum(mb.num_supervised for mb in step)
     for mb in step:
         out = model(
-            **mb.model_inputs(), cu_seq_lens_q=mb.cu_seqlens, max_length_q=mb.max_seqlen,
-            shift_labels=mb.labels, num_items_in_batch=supervised,
-        )  # fmt: skip
+            **mb.model_inputs(),
+            cu_seq_lens_q=mb.cu_seqlens,
+            max_length_q=mb.max_seqlen,
+            shift_labels=mb.labels,
+            num_items_in_batch=supervised,
+        )
         out.loss.backward()
         # The same documents through the unpatched model with HF's own (unshifted) labels, one at a time.
         for d in mb.doc_ids.tolist():

@@ -55,16 +55,30 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 def test_rope_matches_reference(triton_backend, dtype, head_dim):
     """Every supported head dim; GQA 3:1; packed documents incl. one-token ones, positions restarting at 0."""
     q, k, cos, sin = _inputs([1, 6, 1, 4], 6, 2, head_dim, head_dim, dtype)
-    assert_op_parity(f"rope d={head_dim} {dtype}", apply_rope, reference.apply_rope, [q, k, cos, sin], dtype,
-                     differentiable=[True, True, False, False], torch_lowp_op=hf_rope)  # fmt: skip
+    assert_op_parity(
+        f"rope d={head_dim} {dtype}",
+        apply_rope,
+        reference.apply_rope,
+        [q, k, cos, sin],
+        dtype,
+        differentiable=[True, True, False, False],
+        torch_lowp_op=hf_rope,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("head_dim, rotary_dim", [(80, 32), (128, 64), (96, 94), (64, 2)])
 def test_partial_rotary_passes_the_rest_through(triton_backend, dtype, head_dim, rotary_dim):
     q, k, cos, sin = _inputs([5, 2], 4, 4, head_dim, rotary_dim, dtype)
-    assert_op_parity(f"partial rope {head_dim}/{rotary_dim}", apply_rope, reference.apply_rope, [q, k, cos, sin],
-                     dtype, differentiable=[True, True, False, False], torch_lowp_op=hf_rope)  # fmt: skip
+    assert_op_parity(
+        f"partial rope {head_dim}/{rotary_dim}",
+        apply_rope,
+        reference.apply_rope,
+        [q, k, cos, sin],
+        dtype,
+        differentiable=[True, True, False, False],
+        torch_lowp_op=hf_rope,
+    )
     q_out, k_out = apply_rope(q, k, cos, sin)
     assert torch.equal(q_out[..., rotary_dim:], q[..., rotary_dim:])
     assert torch.equal(k_out[..., rotary_dim:], k[..., rotary_dim:])
@@ -76,8 +90,15 @@ def test_any_tables_backward_is_the_exact_adjoint(triton_backend, dtype):
     of the forward map, which autograd of the reference gives."""
     q, k, _, _ = _inputs([4, 3], 4, 2, 80, 48, dtype)
     cos, sin = (torch.randn(7, 48, dtype=dtype, device=DEVICE) for _ in range(2))
-    assert_op_parity("rope random tables", apply_rope, reference.apply_rope, [q, k, cos, sin], dtype,
-                     differentiable=[True, True, False, False], torch_lowp_op=hf_rope)  # fmt: skip
+    assert_op_parity(
+        "rope random tables",
+        apply_rope,
+        reference.apply_rope,
+        [q, k, cos, sin],
+        dtype,
+        differentiable=[True, True, False, False],
+        torch_lowp_op=hf_rope,
+    )
 
 
 @pytest.mark.parametrize("block_heads", [1, 2, 4])
@@ -88,8 +109,14 @@ def test_head_loop_with_gpu_sized_head_blocks(triton_backend, monkeypatch, block
 
     monkeypatch.setattr(kernel, "_block_heads", lambda n_heads, block_half: block_heads)
     q, k, cos, sin = _inputs([3, 2], 7, 3, 64, 64, torch.float32)
-    assert_op_parity(f"rope head block {block_heads}", apply_rope, reference.apply_rope, [q, k, cos, sin],
-                     torch.float32, differentiable=[True, True, False, False])  # fmt: skip
+    assert_op_parity(
+        f"rope head block {block_heads}",
+        apply_rope,
+        reference.apply_rope,
+        [q, k, cos, sin],
+        torch.float32,
+        differentiable=[True, True, False, False],
+    )
 
 
 def test_double_backward(triton_backend):
@@ -110,8 +137,14 @@ def test_double_backward(triton_backend):
 @pytest.mark.parametrize("ratio", [1, 2, 4, 8])
 def test_gqa_ratios(triton_backend, ratio):
     q, k, cos, sin = _inputs([3, 1, 7], 2 * ratio, 2, 64, 64, torch.float32)
-    assert_op_parity(f"rope gqa {ratio}", apply_rope, reference.apply_rope, [q, k, cos, sin], torch.float32,
-                     differentiable=[True, True, False, False])  # fmt: skip
+    assert_op_parity(
+        f"rope gqa {ratio}",
+        apply_rope,
+        reference.apply_rope,
+        [q, k, cos, sin],
+        torch.float32,
+        differentiable=[True, True, False, False],
+    )
 
 
 def test_packed_documents_equal_documents_run_alone(triton_backend):
@@ -248,5 +281,12 @@ def test_empty_input(triton_backend):
 def test_real_size_on_gpu(triton_backend, dtype):
     """Llama-3-8B attention shape, 4096 packed tokens of mixed lengths."""
     q, k, cos, sin = _inputs([2048, 1, 1023, 512, 512], 32, 8, 128, 128, dtype)
-    assert_op_parity("rope 8B", apply_rope, reference.apply_rope, [q, k, cos, sin], dtype,
-                     differentiable=[True, True, False, False], torch_lowp_op=hf_rope)  # fmt: skip
+    assert_op_parity(
+        "rope 8B",
+        apply_rope,
+        reference.apply_rope,
+        [q, k, cos, sin],
+        dtype,
+        differentiable=[True, True, False, False],
+        torch_lowp_op=hf_rope,
+    )

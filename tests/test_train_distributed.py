@@ -77,8 +77,9 @@ def cache(tmp_path_factory):
     """The tokenized data, shared by every run; its packing must have an even number of micro-batches so
     that 2 ranks x grad_accum 1 and 1 rank x grad_accum 2 group the same bins into each step."""
     path = tmp_path_factory.mktemp("cache")
-    data = prepare_dataset(synthetic_records(TRAIN_RECORDS, seed=0, split="train"), tiny_tokenizer(),
-                           max_seq_len=256, cache_dir=path)  # fmt: skip
+    data = prepare_dataset(
+        synthetic_records(TRAIN_RECORDS, seed=0, split="train"), tiny_tokenizer(), max_seq_len=256, cache_dir=path
+    )
     assert len(pack_documents(data.lengths, MAX_TOKENS, seed=0, epoch=0)) % 2 == 0
     return path
 
@@ -185,8 +186,13 @@ def test_ranks_with_different_data_stop_with_a_clear_error(tmp_path, cache):
     )
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
     command += [str(TRAIN_RECORDS), str(EVAL_RECORDS), str(ITEMS), "train", "data.train=RANK", "data.eval=null"]
-    command += [f"output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'c'}", "schedule.max_steps=1",
-                "logging.progress_bar=false", "eval.exact_match=false"]  # fmt: skip
+    command += [
+        f"output_dir={tmp_path / 'run'}",
+        f"data.cache_dir={tmp_path / 'c'}",
+        "schedule.max_steps=1",
+        "logging.progress_bar=false",
+        "eval.exact_match=false",
+    ]
     done = subprocess.run(
         command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )

@@ -22,8 +22,11 @@ from fastsft.train.tiny import tiny_model, tiny_tokenizer
 
 EXACT_MATCH_ITEMS = 6
 # (module, name, value): the built-in synthetic data shrunk
-SMALL_SYNTHETIC = [(build, "SYNTHETIC_TRAIN_RECORDS", 200), (build, "SYNTHETIC_EVAL_RECORDS", 40),
-                   (evaluation, "EXACT_MATCH_ITEMS", EXACT_MATCH_ITEMS)]
+SMALL_SYNTHETIC = [
+    (build, "SYNTHETIC_TRAIN_RECORDS", 200),
+    (build, "SYNTHETIC_EVAL_RECORDS", 40),
+    (evaluation, "EXACT_MATCH_ITEMS", EXACT_MATCH_ITEMS),
+]
 CPU = torch.device("cpu")
 
 
@@ -32,11 +35,20 @@ def _train(run_dir, *overrides):
     with pytest.MonkeyPatch.context() as mp:
         for module, name, value in SMALL_SYNTHETIC:
             mp.setattr(module, name, value)
-        config = load_config(None, [
-            f"output_dir={run_dir}", f"data.cache_dir={run_dir / 'cache'}", "schedule.max_steps=4",
-            "packing.max_tokens=512", "data.max_seq_len=256", "logging.progress_bar=false",
-            "eval.exact_match=false", "eval.max_batches=2", *overrides,
-        ])  # fmt: skip
+        config = load_config(
+            None,
+            [
+                f"output_dir={run_dir}",
+                f"data.cache_dir={run_dir / 'cache'}",
+                "schedule.max_steps=4",
+                "packing.max_tokens=512",
+                "data.max_seq_len=256",
+                "logging.progress_bar=false",
+                "eval.exact_match=false",
+                "eval.max_batches=2",
+                *overrides,
+            ],
+        )
         result = loop.train(config, log=lambda *_: None)
     return run_dir / f"checkpoint-{result.steps}"
 
@@ -321,8 +333,16 @@ def test_an_adapter_on_the_wrong_base_is_one_line_exit_2(lora_checkpoint, tmp_pa
     from transformers import LlamaConfig, LlamaForCausalLM
 
     other = tmp_path / "other"
-    LlamaForCausalLM(LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(other)  # fmt: skip
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=101,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).save_pretrained(other)
     tiny_tokenizer().save_pretrained(other)
     capsys.readouterr()  # what saving printed
     assert main(["generate", str(lora_checkpoint), "--base", str(other), "--prompt", "hi"]) == 2

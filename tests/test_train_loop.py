@@ -180,8 +180,14 @@ def test_cli_bad_data_exits_2_naming_the_file_line_and_field(tmp_path, capsys):
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     bad = {"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "beep"}]}
     data.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
-    args = ["train", f"data.train={data}", "data.eval=null", f"output_dir={tmp_path / 'run'}",
-            f"data.cache_dir={tmp_path / 'cache'}", "logging.progress_bar=false"]  # fmt: skip
+    args = [
+        "train",
+        f"data.train={data}",
+        "data.eval=null",
+        f"output_dir={tmp_path / 'run'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "logging.progress_bar=false",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train.jsonl:2" in err[0] and "messages[1].role" in err[0], err
@@ -203,8 +209,13 @@ def test_a_local_model_directory_with_jsonl_data_trains_like_the_preset(tmp_path
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_records(300, seed=0, split="train")))
     preset = small_config(tmp_path / "a", "schedule.max_steps=4", "data.eval=null")
-    local = small_config(tmp_path / "b", "schedule.max_steps=4", "data.eval=null", f"model.name_or_path={model_dir}",
-                         f"data.train={data}")  # fmt: skip
+    local = small_config(
+        tmp_path / "b",
+        "schedule.max_steps=4",
+        "data.eval=null",
+        f"model.name_or_path={model_dir}",
+        f"data.train={data}",
+    )
     loop.train(preset, log=lambda *_: None)
     loop.train(local, log=lambda *_: None)
     assert _step_losses(tmp_path / "b" / "run") == _step_losses(tmp_path / "a" / "run")
@@ -267,8 +278,9 @@ def test_resuming_applies_the_configs_optimizer_settings(tmp_path):
     """The checkpoint's AdamW param groups carry the old lr / weight decay; the resumed run's config wins
     (so the NaN guard's advice, lower optimizer.lr and resume, works)."""
     loop.train(small_config(tmp_path, "schedule.max_steps=6", "schedule.kind=constant"), log=lambda *_: None)
-    resumed = small_config(tmp_path, "schedule.max_steps=8", "schedule.kind=constant", "optimizer.lr=1e-5",
-                           "optimizer.weight_decay=0.1")  # fmt: skip
+    resumed = small_config(
+        tmp_path, "schedule.max_steps=8", "schedule.kind=constant", "optimizer.lr=1e-5", "optimizer.weight_decay=0.1"
+    )
     seen = []
     original = step_module.forward_backward
 
@@ -314,8 +326,9 @@ def test_the_unpatched_loss_trains_identically(tmp_path):
     """kernels.cross_entropy=false: HF's own loss (it needs `labels`; the shifted labels are passed as
     shift_labels) gives the fused loss's numbers."""
     fused = loop.train(small_config(tmp_path / "f", "schedule.max_steps=4"), log=lambda *_: None)
-    plain = loop.train(small_config(tmp_path / "p", "schedule.max_steps=4", "kernels.cross_entropy=false"),
-                       log=lambda *_: None)  # fmt: skip
+    plain = loop.train(
+        small_config(tmp_path / "p", "schedule.max_steps=4", "kernels.cross_entropy=false"), log=lambda *_: None
+    )
     assert plain.losses == pytest.approx(fused.losses, rel=1e-5)
     assert plain.eval_loss == pytest.approx(fused.eval_loss, rel=1e-5)
 
@@ -336,8 +349,10 @@ def test_weight_decay_skips_norms_and_biases(tmp_path):
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     assert all(p.ndim == 2 for p in decayed["params"]) and any("embed" in names[id(p)] for p in decayed["params"])
     assert {names[id(p)].rsplit(".", 2)[-2] for p in plain["params"]} == {
-        "input_layernorm", "post_attention_layernorm", "norm"
-    }  # fmt: skip
+        "input_layernorm",
+        "post_attention_layernorm",
+        "norm",
+    }
 
 
 def test_plot_true_without_matplotlib_fails_before_training(tmp_path, monkeypatch):
@@ -391,11 +406,17 @@ def test_an_epoch_boundary_checkpoint_resumes_with_another_layout(tmp_path):
     first = loop.train(one_epoch, log=lambda *_: None)
     state = json.loads((tmp_path / "run" / f"checkpoint-{first.steps}" / ckpt.STATE_JSON).read_text())
     assert (state["epoch"], state["step_in_epoch"]) == (1, 0)
-    two_epochs = small_config(tmp_path, "schedule.max_steps=null", "schedule.epochs=2", "distributed.grad_accum=2",
-                              "checkpointing.every_steps=null")  # fmt: skip
+    two_epochs = small_config(
+        tmp_path,
+        "schedule.max_steps=null",
+        "schedule.epochs=2",
+        "distributed.grad_accum=2",
+        "checkpointing.every_steps=null",
+    )
     second = loop.train(two_epochs, log=lambda *_: None)
-    data = prepare_dataset(synthetic_records(300, seed=0, split="train"), tiny_tokenizer(), max_seq_len=256,
-                           cache_dir=tmp_path / "cache")  # fmt: skip
+    data = prepare_dataset(
+        synthetic_records(300, seed=0, split="train"), tiny_tokenizer(), max_seq_len=256, cache_dir=tmp_path / "cache"
+    )
     epoch_1_steps = PackedLoader(data, max_tokens=512, grad_accum=2).num_steps(1)
     assert second.steps == first.steps + epoch_1_steps
     assert epoch_1_steps < first.steps  # the new layout: about half the steps per epoch
@@ -426,14 +447,22 @@ def test_a_kill_between_retiring_and_publishing_a_step_restores_it(tmp_path):
 def test_checkpoints_carry_the_training_template_and_an_absolute_base_path(tmp_path, monkeypatch):
     from transformers import AutoTokenizer
 
-    template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}<|im_end|>\n{% endfor %}"
-                "{% if add_generation_prompt %}[assistant] {% endif %}")  # fmt: skip
+    template = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
     model_dir = tmp_path / "model"
     tiny_model(seed=0).save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
     monkeypatch.chdir(tmp_path)
-    config = small_config(tmp_path, "schedule.max_steps=2", "data.eval=null", f"data.chat_template={template}",
-                          "model.name_or_path=model", "lora.enabled=true")  # fmt: skip
+    config = small_config(
+        tmp_path,
+        "schedule.max_steps=2",
+        "data.eval=null",
+        f"data.chat_template={template}",
+        "model.name_or_path=model",
+        "lora.enabled=true",
+    )
     loop.train(config, log=lambda *_: None)
     checkpoint = tmp_path / "run" / "checkpoint-2"
     assert AutoTokenizer.from_pretrained(checkpoint).chat_template == template
@@ -506,9 +535,18 @@ def test_a_truncated_newest_checkpoint_is_refused_in_one_line_naming_the_file(tm
     run = _two_checkpoints(tmp_path)
     weights = run / "checkpoint-12" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:5])
-    args = [f"output_dir={run}", f"data.cache_dir={tmp_path / 'cache'}", "schedule.max_steps=14",
-            "packing.max_tokens=512", "data.max_seq_len=256", "data.eval=null", "eval.exact_match=false",
-            "logging.progress_bar=false", "checkpointing.every_steps=6", "schedule.warmup_steps=2"]  # fmt: skip
+    args = [
+        f"output_dir={run}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "schedule.max_steps=14",
+        "packing.max_tokens=512",
+        "data.max_seq_len=256",
+        "data.eval=null",
+        "eval.exact_match=false",
+        "logging.progress_bar=false",
+        "checkpointing.every_steps=6",
+        "schedule.warmup_steps=2",
+    ]
     assert main(["train", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{weights} cannot be read" in err[0], err
@@ -577,10 +615,20 @@ def test_kill_9_right_after_a_checkpoint_appears_then_run_again(tmp_path):
 
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_records(300, seed=0, split="train")))
-    settings = [f"data.train={data}", "data.eval=null", "schedule.max_steps=12", "schedule.warmup_steps=2",
-                "packing.max_tokens=512", "data.max_seq_len=256", "checkpointing.every_steps=3",
-                "checkpointing.keep_last=2", "logging.every_steps=4", "logging.progress_bar=false",
-                "eval.exact_match=false", f"data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    settings = [
+        f"data.train={data}",
+        "data.eval=null",
+        "schedule.max_steps=12",
+        "schedule.warmup_steps=2",
+        "packing.max_tokens=512",
+        "data.max_seq_len=256",
+        "checkpointing.every_steps=3",
+        "checkpointing.keep_last=2",
+        "logging.every_steps=4",
+        "logging.progress_bar=false",
+        "eval.exact_match=false",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ]
 
     def command(run):
         return [sys.executable, "-m", "fastsft", "train", f"output_dir={run}", *settings]

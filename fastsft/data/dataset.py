@@ -132,15 +132,22 @@ class TokenizedDataset:
 def _check_sizes(path: Path, n_tokens: int, n_examples: int) -> None:
     """The cache's arrays have the sizes meta.json promises; a file cut short (or changed) from outside is a
     damaged cache, named, never mapped (numpy would fail with "mmap length is greater than file size")."""
-    expected = {"offsets.bin": (n_examples + 1) * 8, "tokens.bin": n_tokens * np.dtype(TOKEN_DTYPE).itemsize,
-                "trained.bin": n_tokens}  # fmt: skip
+    expected = {
+        "offsets.bin": (n_examples + 1) * 8,
+        "tokens.bin": n_tokens * np.dtype(TOKEN_DTYPE).itemsize,
+        "trained.bin": n_tokens,
+    }
     for name, size in expected.items():
         file = path / name
         actual = file.stat().st_size if file.is_file() else None
         if size and actual != size:
             found = "missing" if actual is None else f"{actual:,} bytes"
-            raise DamagedCacheError(str(path), None, f"damaged cache: {name} is {found}, expected {size:,} bytes "
-                                    "(delete this folder to rebuild it)", "damaged cache")  # fmt: skip
+            raise DamagedCacheError(
+                str(path),
+                None,
+                f"damaged cache: {name} is {found}, expected {size:,} bytes (delete this folder to rebuild it)",
+                "damaged cache",
+            )
 
 
 def _map(path: Path, dtype, count: int) -> np.ndarray:

@@ -1,6 +1,6 @@
 """fastsft.patch: Hugging Face integration.
 
-`fastsft.patch(model)` is both this package and the public function (DESIGN.md's contract): the package
+`fastsft.patch(model)` is both this package and the public function (ARCHITECTURE.md's contract): the package
 module is callable, so `fastsft.patch(model, ...)` works however and in whatever order `fastsft.patch`
 and its submodules (e.g. `fastsft.patch.modules`, the HF drop-ins) are imported.
 """
@@ -29,8 +29,15 @@ def patch(model, *, rms_norm=True, rope=True, swiglu=True, attention=True, cross
     """
     from .patcher import patch_model
 
-    return patch_model(model, rms_norm=rms_norm, rope=rope, swiglu=swiglu, attention=attention,
-                       cross_entropy=cross_entropy, keep_logits=keep_logits)  # fmt: skip
+    return patch_model(
+        model,
+        rms_norm=rms_norm,
+        rope=rope,
+        swiglu=swiglu,
+        attention=attention,
+        cross_entropy=cross_entropy,
+        keep_logits=keep_logits,
+    )
 
 
 def unpatch(model):

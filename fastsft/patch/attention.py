@@ -210,16 +210,40 @@ def _hf_attention(self, state, q, k, v, batch, seq_len, attention_mask, kwargs):
 # Tensor arguments an attention implementation may receive that fastsft accounts for. Any other tensor
 # (e.g. gpt-oss's attention sinks `s_aux`) would be silently ignored, so it is an error; flags pass.
 _HARMLESS_KWARGS = {
-    PLAN_KWARG, "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "use_cache",
-    "cache_position", "output_attentions", "is_causal", "cache", "past_key_values", "layer_idx",
-    "position_embeddings", "return_dict", "output_hidden_states", "num_items_in_batch",
-}  # fmt: skip
+    PLAN_KWARG,
+    "position_ids",
+    "cu_seq_lens_q",
+    "cu_seq_lens_k",
+    "max_length_q",
+    "max_length_k",
+    "use_cache",
+    "cache_position",
+    "output_attentions",
+    "is_causal",
+    "cache",
+    "past_key_values",
+    "layer_idx",
+    "position_embeddings",
+    "return_dict",
+    "output_hidden_states",
+    "num_items_in_batch",
+}
 
 
 def fastsft_attention(
-    module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, softcap=None,
-    *, implementation="fastsft", **kwargs
-):  # fmt: skip
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout=0.0,
+    scaling=None,
+    sliding_window=None,
+    softcap=None,
+    *,
+    implementation="fastsft",
+    **kwargs,
+):
     """transformers AttentionInterface function "fastsft": query [B, Hq, S, D], key/value [B, Hk, S_kv, D]
     (GQA not repeated) -> (out [B, S, Hq, D], attention weights or None). `implementation` is bound per
     interface name (`attention_interface_name`).
@@ -304,8 +328,9 @@ def fastsft_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, atten
     from transformers.masking_utils import flash_attention_mask, sdpa_mask
 
     if q_length == kv_length and not _nonzero(q_offset) and not _nonzero(kv_offset):
-        return flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask=attention_mask,
-                                    **kwargs)  # fmt: skip
+        return flash_attention_mask(
+            batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask=attention_mask, **kwargs
+        )
     kwargs["allow_is_causal_skip"] = False  # the dense path needs the explicit mask
     return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask=attention_mask, **kwargs)
 

@@ -99,9 +99,13 @@ def causal_lm_forward(self, *args, **kwargs):
         dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
             loss = fused_linear_cross_entropy(
-                flat_hidden.to(dtype), weight.to(dtype), flat_labels,
-                bias=None if bias is None else bias.to(dtype), reduction=reduction, softcap=cap,
-            )  # fmt: skip
+                flat_hidden.to(dtype),
+                weight.to(dtype),
+                flat_labels,
+                bias=None if bias is None else bias.to(dtype),
+                reduction=reduction,
+                softcap=cap,
+            )
     else:
         loss = fused_linear_cross_entropy(flat_hidden, weight, flat_labels, bias=bias, reduction=reduction, softcap=cap)
     if num_items_in_batch is not None:

@@ -96,8 +96,16 @@ class GatedMLP(nn.Module):
         bias: whether the three projections have biases (config.mlp_bias).
     """
 
-    def __init__(self, hidden_size: int, intermediate_size: int, activation: str = "silu", *, bias: bool = False,
-                 device=None, dtype=None):  # fmt: skip
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        activation: str = "silu",
+        *,
+        bias: bool = False,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -115,11 +123,16 @@ class GatedMLP(nn.Module):
         """Wrap an HF gated MLP (LlamaMLP, MistralMLP, Qwen2/3MLP, GemmaMLP, ...), reusing its three Linear
         modules. Unless given, the activation is identified by evaluating `mlp.act_fn` (the function the
         module really calls; config names differ between families) and must be silu or tanh-GELU."""
-        missing = [name for name in ("gate_proj", "up_proj", "down_proj") if not isinstance(getattr(mlp, name, None),
-                                                                                           nn.Module)]  # fmt: skip
+        missing = [
+            name
+            for name in ("gate_proj", "up_proj", "down_proj")
+            if not isinstance(getattr(mlp, name, None), nn.Module)
+        ]
         if missing:
-            raise TypeError(f"GatedMLP.from_hf: {type(mlp).__name__} has no {', '.join(missing)}; "
-                            "only gate_proj/up_proj/down_proj MLPs can be replaced")  # fmt: skip
+            raise TypeError(
+                f"GatedMLP.from_hf: {type(mlp).__name__} has no {', '.join(missing)}; "
+                "only gate_proj/up_proj/down_proj MLPs can be replaced"
+            )
         if activation is None:
             activation = _probe_activation(mlp)
         wrapped = cls.__new__(cls)
@@ -147,8 +160,10 @@ def _probe_offset(module: nn.Module, weight: torch.Tensor, eps: float) -> float:
     for offset in (0.0, 1.0):
         if torch.allclose(out, x_hat * (offset + w), **tolerance):
             return offset
-    raise TypeError(f"RMSNorm.from_hf: {type(module).__name__} computes neither x_hat * w nor x_hat * (1 + w); "
-                    "it is not an RMSNorm fastsft can replace")  # fmt: skip
+    raise TypeError(
+        f"RMSNorm.from_hf: {type(module).__name__} computes neither x_hat * w nor x_hat * (1 + w); "
+        "it is not an RMSNorm fastsft can replace"
+    )
 
 
 def _probe_activation(mlp: nn.Module) -> str:
@@ -169,19 +184,23 @@ def _probe_activation(mlp: nn.Module) -> str:
     for name, expected in candidates.items():
         if torch.allclose(out, expected, rtol=1e-5, atol=1e-5):
             return name
-    raise ValueError(f"GatedMLP.from_hf: {type(mlp).__name__}.act_fn ({type(act_fn).__name__}) is neither silu nor "
-                     f"the tanh GELU; fastsft fuses {', '.join(sorted(HF_GATED_ACTIVATIONS))}")  # fmt: skip
+    raise ValueError(
+        f"GatedMLP.from_hf: {type(mlp).__name__}.act_fn ({type(act_fn).__name__}) is neither silu nor "
+        f"the tanh GELU; fastsft fuses {', '.join(sorted(HF_GATED_ACTIVATIONS))}"
+    )
 
 
 def _gated_activation(name) -> str:
     if not isinstance(name, str) or name not in HF_GATED_ACTIVATIONS:
-        raise ValueError(f"gated MLP activation {name!r} is not supported; fastsft fuses "
-                         f"{', '.join(sorted(HF_GATED_ACTIVATIONS))}")  # fmt: skip
+        raise ValueError(
+            f"gated MLP activation {name!r} is not supported; fastsft fuses {', '.join(sorted(HF_GATED_ACTIVATIONS))}"
+        )
     return HF_GATED_ACTIVATIONS[name]
 
 
-def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                         unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def apply_rotary_pos_emb(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Hugging Face's apply_rotary_pos_emb, same signature, through fastsft.ops (one launch for q and k).
 
     q [B, Hq, S, D] and k [B, Hk, S, D] (unsqueeze_dim=1, HF's default) or [B, S, H, D] (unsqueeze_dim=2);
@@ -190,11 +209,14 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
     is the layout attention kernels read best).
     """
     if unsqueeze_dim not in (1, 2):
-        raise ValueError(f"apply_rotary_pos_emb: unsqueeze_dim must be 1 ([B, H, S, D]) or 2 ([B, S, H, D]), "
-                         f"got {unsqueeze_dim}")  # fmt: skip
+        raise ValueError(
+            f"apply_rotary_pos_emb: unsqueeze_dim must be 1 ([B, H, S, D]) or 2 ([B, S, H, D]), got {unsqueeze_dim}"
+        )
     if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3:
-        raise ValueError(f"apply_rotary_pos_emb: expects 4-D q/k and 3-D cos/sin, got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, cos {tuple(cos.shape)}")  # fmt: skip
+        raise ValueError(
+            f"apply_rotary_pos_emb: expects 4-D q/k and 3-D cos/sin, got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, cos {tuple(cos.shape)}"
+        )
     if unsqueeze_dim == 1:
         q_out, k_out = apply_rope_batched(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         return q_out.transpose(1, 2), k_out.transpose(1, 2)

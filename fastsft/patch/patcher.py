@@ -51,10 +51,13 @@ class PatchReport:
     attention_implementation: str | None = None  # whose kernels run the patched attention, when it is patched
 
     def __str__(self) -> str:
-        done = ", ".join(
-            f"{name} x{count}" + (f" ({self.attention_implementation})" if name == "attention" else "")
-            for name, count in self.patched.items()
-        ) or "nothing"
+        done = (
+            ", ".join(
+                f"{name} x{count}" + (f" ({self.attention_implementation})" if name == "attention" else "")
+                for name, count in self.patched.items()
+            )
+            or "nothing"
+        )
         lines = [f"fastsft.patch({self.model_type}, family {self.family}): {done}"]
         lines += [f"  not patched: {name}: {why}" for name, why in self.not_patched.items()]
         return "\n".join(lines)
@@ -113,8 +116,7 @@ def _is_attention(module: nn.Module) -> bool:
     return all(hasattr(module, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling"))
 
 
-def patch_model(model, *, rms_norm=True, rope=True, swiglu=True, attention=True, cross_entropy=True,
-                keep_logits=False):  # fmt: skip
+def patch_model(model, *, rms_norm=True, rope=True, swiglu=True, attention=True, cross_entropy=True, keep_logits=False):
     wrapper, model = model, _causal_lm(model)
     if STATE_ATTRIBUTE in model.__dict__:
         raise RuntimeError("this model is already patched by fastsft; call fastsft.unpatch(model) first")

@@ -57,8 +57,9 @@ def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | N
 # --------------------------------------------------------------------------------------------------
 
 
-def load_pretrained(path: Path, *, trust_remote_code: bool = False, meta: bool = False, error=ConfigError,
-                    label: str | None = None):
+def load_pretrained(
+    path: Path, *, trust_remote_code: bool = False, meta: bool = False, error=ConfigError, label: str | None = None
+):
     """(AutoModelForCausalLM in fp32, AutoTokenizer) from a local HF directory, safetensors only.
 
     meta: the architecture alone, no weights read or initialised. Any failure (OSError, a size mismatch, a
@@ -108,8 +109,9 @@ def load_model_and_tokenizer(config: TrainConfig, *, device: str | None = None):
             "`hf download <repo> --local-dir DIR`)"
         )
     check_model_dir(path, given)
-    return load_pretrained(path, trust_remote_code=config.model.trust_remote_code, meta=meta,
-                           label=f"model.name_or_path={path}")
+    return load_pretrained(
+        path, trust_remote_code=config.model.trust_remote_code, meta=meta, label=f"model.name_or_path={path}"
+    )
 
 
 def check_model_dir(path: Path, given: str) -> None:
@@ -234,8 +236,7 @@ def optimizer(model, config: TrainConfig, device: torch.device) -> torch.optim.A
     # state loading expects every saved key in the groups it loads into.
     lr = config.optimizer.lr
     groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.optimizer.weight_decay,
-         "initial_lr": lr},
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.optimizer.weight_decay, "initial_lr": lr},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "fastsft_decay": False, "initial_lr": lr},
     ]
     return torch.optim.AdamW(

@@ -209,8 +209,11 @@ def _damaged(file: Path, error: BaseException) -> ResumeError:
     else:
         why = f"cannot be read ({first_line(error)}): damaged or cut short"
     earlier = [p for p in checkpoints(checkpoint.parent) if checkpoint_step(p) < checkpoint_step(checkpoint)]
-    way = (f"resume from the previous one with checkpointing.resume={earlier[-1]}, or delete {checkpoint.name}"
-           if earlier else f"delete {checkpoint.name} to start over")  # fmt: skip
+    way = (
+        f"resume from the previous one with checkpointing.resume={earlier[-1]}, or delete {checkpoint.name}"
+        if earlier
+        else f"delete {checkpoint.name} to start over"
+    )
     return ResumeError(f"{file} {why}; {way}")
 
 

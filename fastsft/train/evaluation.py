@@ -32,8 +32,9 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 @torch.no_grad()
-def evaluate_loss(model, loader: PackedLoader, device, autocast_dtype, max_batches: int | None,
-                  dist: Distributed | None = None) -> float | None:
+def evaluate_loss(
+    model, loader: PackedLoader, device, autocast_dtype, max_batches: int | None, dist: Distributed | None = None
+) -> float | None:
     """Mean loss per supervised token over the first `max_batches` micro-batches of `loader`'s epoch-0 packing
     (None: all of them); None when they hold no supervised token.
 
@@ -54,8 +55,14 @@ def evaluate_loss(model, loader: PackedLoader, device, autocast_dtype, max_batch
         mb = build_micro_batch(loader.dataset, packing.bin(mine[i] if keep else 0)).to(device)
         with autocast(device, autocast_dtype):
             # num_items_in_batch=1: the loss comes back as the micro-batch's SUM, divided once at the end.
-            out = model(**mb.model_inputs(), cu_seq_lens_q=mb.cu_seqlens, max_length_q=mb.max_seqlen,
-                        labels=mb.labels, shift_labels=mb.labels, num_items_in_batch=1)
+            out = model(
+                **mb.model_inputs(),
+                cu_seq_lens_q=mb.cu_seqlens,
+                max_length_q=mb.max_seqlen,
+                labels=mb.labels,
+                shift_labels=mb.labels,
+                num_items_in_batch=1,
+            )
         if keep:
             sums[0] += out.loss.double()
             sums[1] += mb.num_supervised
@@ -73,8 +80,9 @@ def exact_match_items_for(config: TrainConfig) -> list[tuple[list[dict], str]]:
 
 
 @torch.no_grad()
-def exact_match(model, tokenizer, items, *, max_new_tokens: int = EXACT_MATCH_MAX_NEW_TOKENS,
-                chat_template: str | None = None) -> tuple[float, list[str]]:
+def exact_match(
+    model, tokenizer, items, *, max_new_tokens: int = EXACT_MATCH_MAX_NEW_TOKENS, chat_template: str | None = None
+) -> tuple[float, list[str]]:
     """Greedy answers to held-out items [(messages, answer)] and their exact-match score: each answer is
     generation.generate_reply's (temperature 0, the template training used, every end-of-reply token stops)."""
     was_training = model.training

@@ -311,8 +311,9 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, config, *, base=None, dev
     model.eval()
     data = build.eval_dataset(config, tokenizer, source)
     loader = PackedLoader(data, max_tokens=config.packing.max_tokens)
-    loss = evaluation.evaluate_loss(model, loader, device, build.autocast_dtype(config, device),
-                                    config.eval.max_batches)
+    loss = evaluation.evaluate_loss(
+        model, loader, device, build.autocast_dtype(config, device), config.eval.max_batches
+    )
     available = len(loader.schedule(0).packing)
     result = EvalResult(
         checkpoint=os.fspath(checkpoint),
@@ -323,8 +324,9 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, config, *, base=None, dev
     )
     items = evaluation.exact_match_items_for(config)  # the run's items
     if items:
-        result.exact_match, predictions = evaluation.exact_match(model, tokenizer, items,
-                                                                 chat_template=config.data.chat_template)
+        result.exact_match, predictions = evaluation.exact_match(
+            model, tokenizer, items, chat_template=config.data.chat_template
+        )
         result.exact_match_items = len(items)
         for (messages, answer), predicted in list(zip(items, predictions, strict=True))[: config.eval.samples]:
             result.samples.append({"question": messages[-1]["content"], "expected": answer, "generated": predicted})
@@ -387,8 +389,13 @@ def merge_lora(
     try:
         merged.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        meta = {"base_model": base_name, "seed": info.meta.get("seed"), "lora": False,
-                "merged_from": os.fspath(info.path), "fastsft_version": fastsft.__version__}
+        meta = {
+            "base_model": base_name,
+            "seed": info.meta.get("seed"),
+            "lora": False,
+            "merged_from": os.fspath(info.path),
+            "fastsft_version": fastsft.__version__,
+        }
         (staging / ckpt.META_FILE).write_text(json.dumps(meta, indent=1))
         publish_dir(staging, output_dir)
     finally:

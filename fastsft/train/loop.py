@@ -91,8 +91,14 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
     dist.check_same("the tokenized training data", data_fingerprint)
     log(f"data: {train_data.report.summary()}")
     grad_accum = config.distributed.grad_accum
-    loader = PackedLoader(train_data, max_tokens=config.packing.max_tokens, seed=config.packing.seed,
-                          world_size=dist.world_size, rank=dist.rank, grad_accum=grad_accum)
+    loader = PackedLoader(
+        train_data,
+        max_tokens=config.packing.max_tokens,
+        seed=config.packing.seed,
+        world_size=dist.world_size,
+        rank=dist.rank,
+        grad_accum=grad_accum,
+    )
     # Eval: the whole held-out packing, the same whatever the number of ranks (evaluate_loss deals it).
     eval_loader = PackedLoader(eval_data, max_tokens=config.packing.max_tokens) if eval_data is not None else None
     layout = functools.partial(_layout, loader, data_fingerprint, dist.world_size * grad_accum)
@@ -108,8 +114,10 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
         log(f"resumed from {resume_from} at step {position.step}")
     total_steps = _total_steps(config, loader, position)
     ranks = f" on {dist.world_size} ranks ({dist.strategy})" if dist.enabled else ""
-    log(f"{loader.num_steps(0)} steps per epoch (packing efficiency {loader.efficiency(0):.1%}){ranks}; "
-        f"{total_steps} steps")
+    log(
+        f"{loader.num_steps(0)} steps per epoch (packing efficiency {loader.efficiency(0):.1%}){ranks}; "
+        f"{total_steps} steps"
+    )
     if resume_from is not None and position.step >= total_steps:
         log(f"{resume_from} is the end of this run ({total_steps} steps): nothing to do")
         return outputs.finished_result(run_dir, position, state, config, dist, log)
@@ -130,8 +138,8 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
         dist.barrier()
 
     # Onto the device(s), then the optimizer and the schedule.
-    count_flops = functools.partial(FlopCounter.from_model(model),  # from the nn.Linear shapes, before sharding
-                                    full_backward=not config.lora.enabled)  # LoRA: no weight gradients, 4N not 6N
+    # FLOPs from the nn.Linear shapes, before sharding; LoRA: frozen weights get no weight gradient, 4N not 6N.
+    count_flops = functools.partial(FlopCounter.from_model(model), full_backward=not config.lora.enabled)
     if sharded_init:
         model = dist.wrap(model, compute_dtype)
         dist.materialize(model, weights)  # allocate this rank's shards on the device, fill them from rank 0
@@ -150,10 +158,32 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # training's peak, not the set-up's
 
-    run = _Run(config, dist, device, log, run_dir, model, tokenizer, optimizer, scheduler, position, result,
-               layout, eval_loader, autocast_dtype, total_steps, peak_flops(device, compute_dtype),
-               MetricsLogger(run_dir, config.logging.jsonl, config.logging.tensorboard, enabled=dist.is_main,
-                             resume_step=position.step if resume_from is not None else None))
+    metrics = MetricsLogger(
+        run_dir,
+        config.logging.jsonl,
+        config.logging.tensorboard,
+        enabled=dist.is_main,
+        resume_step=position.step if resume_from is not None else None,
+    )
+    run = _Run(
+        config=config,
+        dist=dist,
+        device=device,
+        log=log,
+        run_dir=run_dir,
+        model=model,
+        tokenizer=tokenizer,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        position=position,
+        result=result,
+        layout=layout,
+        eval_loader=eval_loader,
+        autocast_dtype=autocast_dtype,
+        total_steps=total_steps,
+        peak_flops=peak_flops(device, compute_dtype),
+        metrics=metrics,
+    )
     guard = steps.NanGuard(config.nan_guard.max_skipped_steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
     bar = _progress(config.logging.progress_bar and dist.is_main, total_steps, position.step)
@@ -162,9 +192,19 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
             if position.step_in_epoch >= loader.num_steps(position.epoch):  # (a checkpoint of an older layout)
                 position.epoch, position.step_in_epoch = position.epoch + 1, 0
             for step_batches in loader.steps(position.epoch, start_step=position.step_in_epoch):
-                outcome = steps.train_step(model, step_batches, optimizer, scheduler, trainable=trainable,
-                                           grad_clip=config.optimizer.grad_clip, guard=guard, device=device,
-                                           autocast_dtype=autocast_dtype, dist=dist, count_flops=count_flops)
+                outcome = steps.train_step(
+                    model,
+                    step_batches,
+                    optimizer,
+                    scheduler,
+                    trainable=trainable,
+                    grad_clip=config.optimizer.grad_clip,
+                    guard=guard,
+                    device=device,
+                    autocast_dtype=autocast_dtype,
+                    dist=dist,
+                    count_flops=count_flops,
+                )
                 if not outcome.applied:
                     position.skipped_steps += 1
                     log(f"step {position.step}: non-finite gradient norm, step skipped ({position.skipped_steps})")
@@ -198,7 +238,9 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
     optimizer.state.clear()  # AdamW's states are in the checkpoint; free them before generating
     if items and dist.is_main:
         result.exact_match_after, predictions = evaluation.exact_match(
-            _generation_model(config, model, final, dist, device), tokenizer, items,
+            _generation_model(config, model, final, dist, device),
+            tokenizer,
+            items,
             chat_template=config.data.chat_template,
         )
         run.metrics.write({"step": position.step, "exact_match": result.exact_match_after})
@@ -255,29 +297,34 @@ class _Run:
             bar.set_postfix(loss=f"{summary.losses[-1]:.4f}", lr=f"{lr:.2e}")
         world = self.dist.world_size
         cuda = self.device.type == "cuda"
-        self.metrics.write({
-            "step": self.position.step,
-            "loss": mean_loss,  # the window's mean
-            "lr": lr,
-            "grad_norm": summary.grad_norm,  # the window's mean over applied steps, before clipping
-            "tokens_per_s": summary.tokens / summary.seconds,
-            "supervised_tokens_per_s": summary.supervised / summary.seconds,
-            "tflops_per_s_per_device": summary.flops / summary.seconds / world / 1e12,
-            "mfu": model_flops_utilization(summary.flops / world, summary.seconds, self.peak_flops),
-            "peak_memory_gib": torch.cuda.max_memory_allocated(self.device) / 2**30 if cuda else None,
-            "skipped_steps": self.position.skipped_steps,
-            "tokens_seen": self.position.tokens,
-        })
+        self.metrics.write(
+            {
+                "step": self.position.step,
+                "loss": mean_loss,  # the window's mean
+                "lr": lr,
+                "grad_norm": summary.grad_norm,  # the window's mean over applied steps, before clipping
+                "tokens_per_s": summary.tokens / summary.seconds,
+                "supervised_tokens_per_s": summary.supervised / summary.seconds,
+                "tflops_per_s_per_device": summary.flops / summary.seconds / world / 1e12,
+                "mfu": model_flops_utilization(summary.flops / world, summary.seconds, self.peak_flops),
+                "peak_memory_gib": torch.cuda.max_memory_allocated(self.device) / 2**30 if cuda else None,
+                "skipped_steps": self.position.skipped_steps,
+                "tokens_seen": self.position.tokens,
+            }
+        )
         if bar is None and self.position.step >= self.next_report:  # no terminal: a line per ~5% of the run
             self.next_report = self.position.step + self.report_every
-            self.log(f"step {self.position.step}/{self.total_steps}  loss {mean_loss:.4f}  lr {lr:.2e}  "
-                     f"{summary.tokens / summary.seconds:,.0f} tokens/s")
+            self.log(
+                f"step {self.position.step}/{self.total_steps}  loss {mean_loss:.4f}  lr {lr:.2e}  "
+                f"{summary.tokens / summary.seconds:,.0f} tokens/s"
+            )
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)  # each window reports its own peak
 
     def evaluate(self) -> None:
-        self.result.eval_loss = evaluation.evaluate_loss(self.model, self.eval_loader, self.device,
-                                                         self.autocast_dtype, self.config.eval.max_batches, self.dist)
+        self.result.eval_loss = evaluation.evaluate_loss(
+            self.model, self.eval_loader, self.device, self.autocast_dtype, self.config.eval.max_batches, self.dist
+        )
         self.metrics.write({"step": self.position.step, "eval_loss": self.result.eval_loss})
         self.evaluated_at = self.position.step
 
@@ -287,8 +334,18 @@ class _Run:
         self.position.layout = self.layout(self.position.epoch)
         # Steps since the last log step: their losses (summed over ranks) go in too.
         losses = list(self.result.losses) + self.window.pending_losses(self.dist)
-        return outputs.save_checkpoint(self.run_dir, self.model, self.tokenizer, self.optimizer, self.scheduler,
-                                       self.position, self.config, self.dist, losses, self.result.losses_first_step)
+        return outputs.save_checkpoint(
+            self.run_dir,
+            self.model,
+            self.tokenizer,
+            self.optimizer,
+            self.scheduler,
+            self.position,
+            self.config,
+            self.dist,
+            losses,
+            self.result.losses_first_step,
+        )
 
 
 def _models(config: TrainConfig, dist: Distributed, sharded_init: bool):

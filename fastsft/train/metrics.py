@@ -9,7 +9,7 @@ metrics.jsonl / TensorBoard writer, and the loss-curve plot.
         log.write({"step": 10, "loss": 1.2, "lr": 1e-3})
     plot_loss_curves(run_dir / "metrics.jsonl", run_dir / "loss.png")
 
-Counting conventions (DESIGN.md: "MFU uses 6*params*tokens + attention FLOPs"; throughput counts real
+Counting conventions (ARCHITECTURE.md: "MFU uses 6*params*tokens + attention FLOPs"; throughput counts real
 tokens only): FLOPs are those the model's math needs for one forward + backward, never what an implementation
 happens to execute. So padding is not counted (there is none, and documents attend only within themselves),
 and neither is recomputation (activation checkpointing, flash attention's backward recomputing the scores):

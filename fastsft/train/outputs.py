@@ -115,26 +115,51 @@ def checkpoint_meta(config: TrainConfig) -> dict:
     """fastsft.json of the run's checkpoints: what `fastsft generate | eval | merge` need to find the base."""
     base = config.model.name_or_path
     base = base if base == "tiny" else str(Path(base).resolve())  # usable from any working directory
-    return {"base_model": base, "seed": config.seed, "lora": config.lora.enabled,
-            "fastsft_version": fastsft.__version__}
+    return {
+        "base_model": base,
+        "seed": config.seed,
+        "lora": config.lora.enabled,
+        "fastsft_version": fastsft.__version__,
+    }
 
 
-def save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, position, config, dist: Distributed,
-                    losses: list[float], losses_first_step: int) -> Path:
+def save_checkpoint(
+    run_dir,
+    model,
+    tokenizer,
+    optimizer,
+    scheduler,
+    position,
+    config,
+    dist: Distributed,
+    losses: list[float],
+    losses_first_step: int,
+) -> Path:
     """Gather the whole state (collectives under fsdp; every rank calls this), rank 0 writes it atomically.
     `losses` (every step's loss so far, from `losses_first_step`) travel with it, so a resumed run's
     result.json covers the whole run."""
     model_state = dist.full_model_state(model, trainable_only=config.lora.enabled)  # LoRA: adapters alone
     # The scheduler's state is written for readers of the format; a resume rebuilds it from the step.
-    state = {"optimizer": dist.optimizer_state(model, optimizer), "scheduler": scheduler.state_dict(),
-             "losses": [float(x) for x in losses], "losses_first_step": int(losses_first_step)}
+    state = {
+        "optimizer": dist.optimizer_state(model, optimizer),
+        "scheduler": scheduler.state_dict(),
+        "losses": [float(x) for x in losses],
+        "losses_first_step": int(losses_first_step),
+    }
     rngs = dist.all_gather_object(ckpt.rng_state())
     state["rng"], state["rng_per_rank"] = rngs[0], rngs
     path = run_dir / f"checkpoint-{position.step}"
     if dist.is_main:
-        path = ckpt.save_checkpoint(run_dir, dist.unwrap(model), tokenizer, state, position,
-                                    config.checkpointing.keep_last, checkpoint_meta(config),
-                                    model_state_dict=model_state)
+        path = ckpt.save_checkpoint(
+            run_dir,
+            dist.unwrap(model),
+            tokenizer,
+            state,
+            position,
+            config.checkpointing.keep_last,
+            checkpoint_meta(config),
+            model_state_dict=model_state,
+        )
     dist.barrier()  # nobody runs ahead (or resumes) before the checkpoint is published
     return path
 
@@ -159,8 +184,9 @@ def plot(config: TrainConfig, run_dir: Path) -> Path | None:
     return plot_loss_curves(run_dir / "metrics.jsonl", run_dir / "loss.png", required=config.logging.plot is True)
 
 
-def finished_result(run_dir: Path, position: ckpt.Position, state: dict, config: TrainConfig, dist: Distributed,
-                    log) -> TrainResult:
+def finished_result(
+    run_dir: Path, position: ckpt.Position, state: dict, config: TrainConfig, dist: Distributed, log
+) -> TrainResult:
     """A resumed run with nothing left to train: what the run recorded. A run killed after its final checkpoint
     but before its last outputs is completed here: keep_last's pruning, result.json (from the checkpoint's
     losses and metrics.jsonl's evaluations) and loss.png; nothing that exists is rewritten."""
@@ -168,8 +194,14 @@ def finished_result(run_dir: Path, position: ckpt.Position, state: dict, config:
     recorded = run_dir / RESULT_FILE
     if recorded.is_file():
         data = json.loads(recorded.read_text())
-        for key in ("final_loss", "eval_loss", "exact_match_before", "exact_match_after", "losses",
-                    "losses_first_step"):
+        for key in (
+            "final_loss",
+            "eval_loss",
+            "exact_match_before",
+            "exact_match_after",
+            "losses",
+            "losses_first_step",
+        ):
             setattr(result, key, data.get(key, getattr(result, key)))
         result.samples = [tuple(sample) for sample in data.get("samples", [])]
         return result
@@ -181,8 +213,11 @@ def finished_result(run_dir: Path, position: ckpt.Position, state: dict, config:
     result.losses = list(state.get("losses", []))
     result.losses_first_step = int(state.get("losses_first_step", 1))
     for record in metric_records(run_dir / "metrics.jsonl"):
-        for key, attribute in (("loss", "final_loss"), ("eval_loss", "eval_loss"),
-                               ("exact_match", "exact_match_after")):
+        for key, attribute in (
+            ("loss", "final_loss"),
+            ("eval_loss", "eval_loss"),
+            ("exact_match", "exact_match_after"),
+        ):
             if key in record:
                 setattr(result, attribute, record[key])
     if not (run_dir / "loss.png").is_file():

@@ -42,8 +42,14 @@ def forward_backward(model, step_batches, device, autocast_dtype, dist: Distribu
             with autocast(device, autocast_dtype):
                 # labels too: an unpatched loss (kernels.cross_entropy=false) runs only when labels is set; it
                 # then uses the already shifted shift_labels, as fastsft's does.
-                out = model(**mb.model_inputs(), cu_seq_lens_q=mb.cu_seqlens, max_length_q=mb.max_seqlen,
-                            labels=mb.labels, shift_labels=mb.labels, num_items_in_batch=num_items)
+                out = model(
+                    **mb.model_inputs(),
+                    cu_seq_lens_q=mb.cu_seqlens,
+                    max_length_q=mb.max_seqlen,
+                    labels=mb.labels,
+                    shift_labels=mb.labels,
+                    num_items_in_batch=num_items,
+                )
             (out.loss * dist.world_size if dist.world_size > 1 else out.loss).backward()
         total_loss += out.loss.detach()
         tokens += mb.num_tokens
@@ -87,8 +93,20 @@ class StepOutcome:
     applied: bool  # False: a non-finite gradient norm, the optimizer did not step
 
 
-def train_step(model, step_batches, optimizer, scheduler, *, trainable, grad_clip: float | None,
-               guard: NanGuard, device, autocast_dtype, dist: Distributed, count_flops) -> StepOutcome:
+def train_step(
+    model,
+    step_batches,
+    optimizer,
+    scheduler,
+    *,
+    trainable,
+    grad_clip: float | None,
+    guard: NanGuard,
+    device,
+    autocast_dtype,
+    dist: Distributed,
+    count_flops,
+) -> StepOutcome:
     """Forward/backward over the step's micro-batches, clip, the NaN guard, AdamW, the LR schedule.
     `count_flops(cu_seqlens_diff, lm_head_tokens=)` is the run's FlopCounter (host-side lengths: no sync)."""
     flops = sum(count_flops(mb.cu_seqlens.diff(), lm_head_tokens=mb.num_supervised) for mb in step_batches)
@@ -160,12 +178,12 @@ class MetricsWindow:
 
     def reduce(self, dist: Distributed, device) -> WindowSummary:
         """The window's numbers over all ranks, in one host sync (and one all-reduce), then a fresh window."""
-        counts = torch.tensor([float(self.tokens), float(self.supervised), float(self.flops)], device=device,
-                              dtype=torch.float64)
+        counts = torch.tensor(
+            [float(self.tokens), float(self.supervised), float(self.flops)], device=device, dtype=torch.float64
+        )
         summed = dist.all_reduce_sum(torch.cat([torch.stack(self.losses).double(), counts])).tolist()
         norm = torch.stack(self.norms).mean().item() if self.norms else float("nan")
-        summary = WindowSummary(summed[:-3], *summed[-3:], grad_norm=norm,
-                                seconds=time.perf_counter() - self.started)
+        summary = WindowSummary(summed[:-3], *summed[-3:], grad_norm=norm, seconds=time.perf_counter() - self.started)
         self.losses, self.norms = [], []
         self.tokens = self.supervised = 0
         self.flops = 0.0
