@@ -43,7 +43,8 @@ import torch.nn.functional as F
 
 _common.use_interpreter_without_cuda("--smoke")  # before anything imports triton
 
-IGNORE_INDEX = -100
+from fastsft.data import IGNORE_INDEX  # noqa: E402  (the one definition; -100, HF's convention)
+
 FULL_N, FULL_V, FULL_H = (4096, 16384, 32768), (32000, 128256, 152064), 4096
 QUICK_N, QUICK_V = (16384,), (128256,)
 PROMPT_FRACS = (0.0, 0.5, 0.9)

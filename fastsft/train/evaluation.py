@@ -31,6 +31,22 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
+def packed_loss(model, mb, num_items_in_batch, device: torch.device, autocast_dtype: torch.dtype | None):
+    """The model's loss on one packed micro-batch (already on `device`): its summed token loss divided by
+    `num_items_in_batch`. The documents are kept apart by cu_seqlens / position_ids, nothing is padded.
+    labels too: an unpatched loss (kernels.cross_entropy=false) runs only when labels is set; it then uses the
+    already shifted shift_labels, as fastsft's does."""
+    with autocast(device, autocast_dtype):
+        return model(
+            **mb.model_inputs(),
+            cu_seq_lens_q=mb.cu_seqlens,
+            max_length_q=mb.max_seqlen,
+            labels=mb.labels,
+            shift_labels=mb.labels,
+            num_items_in_batch=num_items_in_batch,
+        ).loss
+
+
 @torch.no_grad()
 def evaluate_loss(
     model, loader: PackedLoader, device, autocast_dtype, max_batches: int | None, dist: Distributed | None = None
@@ -53,18 +69,10 @@ def evaluate_loss(
     for i in range(rounds):
         keep = i < len(mine)
         mb = build_micro_batch(loader.dataset, packing.bin(mine[i] if keep else 0)).to(device)
-        with autocast(device, autocast_dtype):
-            # num_items_in_batch=1: the loss comes back as the micro-batch's SUM, divided once at the end.
-            out = model(
-                **mb.model_inputs(),
-                cu_seq_lens_q=mb.cu_seqlens,
-                max_length_q=mb.max_seqlen,
-                labels=mb.labels,
-                shift_labels=mb.labels,
-                num_items_in_batch=1,
-            )
+        # num_items_in_batch=1: the loss comes back as the micro-batch's SUM, divided once at the end.
+        loss = packed_loss(model, mb, 1, device, autocast_dtype)
         if keep:
-            sums[0] += out.loss.double()
+            sums[0] += loss.double()
             sums[1] += mb.num_supervised
     model.train(was_training)
     total, supervised = dist.all_reduce_sum(sums).tolist()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .distributed import Distributed, clip_grad_norm
-from .evaluation import autocast
+from .evaluation import packed_loss
 
 
 def forward_backward(model, step_batches, device, autocast_dtype, dist: Distributed | None = None):
@@ -39,19 +39,9 @@ def forward_backward(model, step_batches, device, autocast_dtype, dist: Distribu
     for index, mb in enumerate(step_batches):
         mb = mb.to(device)
         with dist.accumulation_context(model, last_micro_batch=index == len(step_batches) - 1):
-            with autocast(device, autocast_dtype):
-                # labels too: an unpatched loss (kernels.cross_entropy=false) runs only when labels is set; it
-                # then uses the already shifted shift_labels, as fastsft's does.
-                out = model(
-                    **mb.model_inputs(),
-                    cu_seq_lens_q=mb.cu_seqlens,
-                    max_length_q=mb.max_seqlen,
-                    labels=mb.labels,
-                    shift_labels=mb.labels,
-                    num_items_in_batch=num_items,
-                )
-            (out.loss * dist.world_size if dist.world_size > 1 else out.loss).backward()
-        total_loss += out.loss.detach()
+            loss = packed_loss(model, mb, num_items, device, autocast_dtype)
+            (loss * dist.world_size if dist.world_size > 1 else loss).backward()
+        total_loss += loss.detach()
         tokens += mb.num_tokens
     return total_loss, tokens, local_supervised
 
