@@ -1,7 +1,8 @@
 """Access to the optional native extension fastsft._C.
 
-Only fastsft/ops and fastsft/data import native code, and only through this module, so that a missing
-or stale build degrades to the pure-Python path instead of failing at import time.
+Only fastsft/data (the packer) uses native code, and only through this module (`fastsft info` reports
+its status), so that a missing or stale build degrades to the pure-Python path instead of failing at
+import time.
 """
 
 from __future__ import annotations
