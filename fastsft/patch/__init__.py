@@ -11,6 +11,10 @@ import inspect
 import sys
 import types
 
+from .families import UnsupportedModelError
+
+__all__ = ["UnsupportedModelError", "patch", "unpatch"]
+
 
 def patch(model, *, rms_norm=True, rope=True, swiglu=True, attention=True, cross_entropy=True, keep_logits=False):
     """Swap fastsft's kernels into a Hugging Face causal LM, in place and for this instance only; returns it.

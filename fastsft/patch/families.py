@@ -11,6 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+class UnsupportedModelError(NotImplementedError):
+    """A model (or one of its modules) that fastsft cannot run exactly as asked, e.g. packed documents given
+    to layers that cannot keep them apart. Raised instead of training on a different loss; the message names
+    the model type, the module and what to do instead."""
+
+
 @dataclass(frozen=True)
 class Family:
     """What one model family's attention and head do beyond Llama's.
