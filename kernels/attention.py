@@ -21,6 +21,9 @@ mask and blocks that need none (`_visit_ranges`), so the interior of long docume
 Numerics. Scores in fp32, in log2 units (one exp2 per score), online softmax with the running max; the
 probabilities are rounded to the input dtype only as the operand of the P @ V (and dS @ K) products, as
 FlashAttention does. Softcap (Gemma-2): s = c * tanh(scale * q.k / c), differentiated through tanh.
+Attention sinks (gpt_oss, HAS_SINKS): a per-q-head logit that joins every softmax denominator as one more
+column without a value; the forward folds it into the running (max, sum) after the last key block, so
+the saved lse includes it, and the backward's only extra work is its gradient, in the delta kernel.
 
 Backward (FlashAttention-2): delta = rowsum(dO * O) (`_attention_delta_kernel`), then dK/dV with one
 program per (key block, kv head) that sweeps every q head of its GQA group in registers (deterministic, no
@@ -223,6 +226,7 @@ def _attention_forward_kernel(
     V_ptr,
     OUT_ptr,
     LSE_ptr,
+    SINKS_ptr,
     CU_SEQLENS_ptr,
     BLOCK_DOC_ptr,
     BLOCK_CUM_ptr,
@@ -244,6 +248,7 @@ def _attention_forward_kernel(
     CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -251,7 +256,8 @@ def _attention_forward_kernel(
     DOT_IEEE: tl.constexpr,
     FIX_BF16_ROUNDING: tl.constexpr,
 ):
-    """One program: BLOCK_M queries of one document, one q head. Writes out and lse (natural log)."""
+    """One program: BLOCK_M queries of one document, one q head. Writes out and lse (natural log; with
+    HAS_SINKS, the head's sink logit SINKS_ptr[head] (fp32) is one more softmax column, without a value)."""
     pid = tl.program_id(0)
     head = pid % n_q_heads
     block = pid // n_q_heads
@@ -346,6 +352,17 @@ def _attention_forward_kernel(
         FIX_BF16_ROUNDING=FIX_BF16_ROUNDING,
     )
 
+    if HAS_SINKS:
+        # The sink is one more score of every row (in log2 units, like s), folded in once after the keys:
+        # rescale to the new running max and add its exp2 to the denominator; it adds nothing to acc.
+        sink = tl.load(SINKS_ptr + head64).to(tl.float32) * 1.4426950408889634
+        m_new = tl.maximum(m_i, sink)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # sink = -inf on a row past the document
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.math.exp2(sink - m_safe)
+        acc = acc * alpha[:, None]
+        m_i = m_new
+
     # Every query of the document sees at least itself, so l_i > 0 on stored rows; the guard only keeps
     # rows past the document (never stored) finite.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -367,27 +384,46 @@ def _attention_delta_kernel(
     OUT_ptr,
     DOUT_ptr,
     DELTA_ptr,
+    LSE_ptr,
+    SINKS_ptr,
+    DSINKS_PARTIAL_ptr,
     n_tokens,
     out_token_stride,
     out_head_stride,
     dout_token_stride,
     dout_head_stride,
     delta_head_stride,
+    dsinks_head_stride,
     HEAD_DIM: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """delta[h, t] = sum_d dO[t, h, d] * O[t, h, d] in fp32 (the softmax backward's row term)."""
+    """delta[h, t] = sum_d dO[t, h, d] * O[t, h, d] in fp32 (the softmax backward's row term).
+
+    With HAS_SINKS, also this token block's part of the sink's gradient: the sink is a softmax column with
+    no value, so d sink_h = -sum_t P_sink[h, t] * delta[h, t] with P_sink = exp(sink_h - lse[h, t]) (lse
+    includes the sink). Written per (head, token block) to DSINKS_PARTIAL_ptr and summed by the launcher
+    (deterministic, no atomics). The sink changes nothing else: the probabilities recomputed from this lse
+    already carry its share of the denominator, so dS = P * (dP - delta) stays exact."""
     head = tl.program_id(1).to(tl.int64)
     tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     dims = tl.arange(0, BLOCK_D)
-    mask = (tokens < n_tokens)[:, None] & (dims < HEAD_DIM)[None, :]
+    token_ok = tokens < n_tokens
+    mask = token_ok[:, None] & (dims < HEAD_DIM)[None, :]
     out_ptrs = OUT_ptr + tokens[:, None] * out_token_stride + head * out_head_stride + dims[None, :]
     dout_ptrs = DOUT_ptr + tokens[:, None] * dout_token_stride + head * dout_head_stride + dims[None, :]
     out = tl.load(out_ptrs, mask=mask, other=0.0)
     dout = tl.load(dout_ptrs, mask=mask, other=0.0)
     delta = tl.sum(out.to(tl.float32) * dout.to(tl.float32), 1)
-    tl.store(DELTA_ptr + head * delta_head_stride + tokens, delta, mask=tokens < n_tokens)
+    tl.store(DELTA_ptr + head * delta_head_stride + tokens, delta, mask=token_ok)
+    if HAS_SINKS:
+        sink = tl.load(SINKS_ptr + head).to(tl.float32)
+        # Tokens past the end load lse = +inf: P_sink = 0 (and delta = 0) there.
+        lse = tl.load(LSE_ptr + head * delta_head_stride + tokens, mask=token_ok, other=float("inf"))
+        p_sink = tl.exp(sink - lse)
+        partial = -tl.sum(p_sink * delta, 0)
+        tl.store(DSINKS_PARTIAL_ptr + head * dsinks_head_stride + tl.program_id(0), partial)
 
 
 @triton.jit
@@ -902,9 +938,10 @@ def _masks(
     return scalars, flags
 
 
-def attention_forward(q, k, v, cu_seqlens, *, max_seqlen, causal, scale, window, softcap, out, lse) -> None:
+def attention_forward(q, k, v, cu_seqlens, *, max_seqlen, causal, scale, window, softcap, sinks=None, out, lse) -> None:
     """Fill out [T, Hq, D] (q's dtype) and lse [Hq, T] (fp32, natural log). q/k/v/out have unit stride
-    along D; cu_seqlens is a valid, contiguous int32 [B+1] prefix (the caller validates it)."""
+    along D; cu_seqlens is a valid, contiguous int32 [B+1] prefix (the caller validates it); sinks is None
+    or a contiguous fp32 [Hq] of sink logits (lse then includes them)."""
     n_tokens, n_q_heads, head_dim = q.shape
     if n_tokens == 0:
         return
@@ -919,6 +956,7 @@ def attention_forward(q, k, v, cu_seqlens, *, max_seqlen, causal, scale, window,
         V_ptr=v,
         OUT_ptr=out,
         LSE_ptr=lse,
+        SINKS_ptr=lse if sinks is None else sinks,  # not read without sinks
         CU_SEQLENS_ptr=cu_seqlens,
         BLOCK_DOC_ptr=block_doc,
         BLOCK_CUM_ptr=block_cum,
@@ -937,6 +975,7 @@ def attention_forward(q, k, v, cu_seqlens, *, max_seqlen, causal, scale, window,
         BLOCK_M=block_m,
         BLOCK_D=padded_head_dim(head_dim),
         FIX_BF16_ROUNDING=interpreting(),
+        HAS_SINKS=sinks is not None,
         **scalars,
         **flags,
         **dot_config(q.dtype),
@@ -945,27 +984,39 @@ def attention_forward(q, k, v, cu_seqlens, *, max_seqlen, causal, scale, window,
 
 
 def attention_backward(
-    grad_out, q, k, v, out, lse, cu_seqlens, *, max_seqlen, causal, scale, window, softcap, dq, dk, dv
-) -> None:
-    """Fill dq [T, Hq, D], dk/dv [T, Hk, D] from grad_out and the forward's out and lse."""
+    grad_out, q, k, v, out, lse, cu_seqlens, *, max_seqlen, causal, scale, window, softcap, sinks=None, dq, dk, dv
+) -> torch.Tensor | None:
+    """Fill dq [T, Hq, D], dk/dv [T, Hk, D] from grad_out and the forward's out and lse; with sinks
+    (contiguous fp32 [Hq], as given to the forward), return their gradient (fp32 [Hq]), else None."""
     n_tokens, n_q_heads, head_dim = q.shape
     if n_tokens == 0:
-        return
+        return None if sinks is None else torch.zeros_like(sinks)
     n_kv_heads = k.shape[1]
     block_d = padded_head_dim(head_dim)
     delta = torch.empty_like(lse)
     delta_block = 64 if not interpreting() else 16
-    _attention_delta_kernel[(triton.cdiv(n_tokens, delta_block), n_q_heads)](
+    n_delta_blocks = triton.cdiv(n_tokens, delta_block)
+    # Per (q head, token block) parts of the sinks' gradient, summed below (a fixed order: deterministic).
+    dsinks_partial = None if sinks is None else lse.new_empty((n_q_heads, n_delta_blocks))
+    # Both kernels below index delta with lse's head stride (lse_head_stride), and so does the delta kernel
+    # read lse with delta's: the two must share a layout.
+    assert lse.stride() == delta.stride()
+    _attention_delta_kernel[(n_delta_blocks, n_q_heads)](
         OUT_ptr=out,
         DOUT_ptr=grad_out,
         DELTA_ptr=delta,
+        LSE_ptr=lse,
+        SINKS_ptr=lse if sinks is None else sinks,  # not read without sinks
+        DSINKS_PARTIAL_ptr=delta if dsinks_partial is None else dsinks_partial,  # not written without sinks
         n_tokens=n_tokens,
         out_token_stride=out.stride(0),
         out_head_stride=out.stride(1),
         dout_token_stride=grad_out.stride(0),
         dout_head_stride=grad_out.stride(1),
         delta_head_stride=delta.stride(0),
+        dsinks_head_stride=0 if dsinks_partial is None else dsinks_partial.stride(0),
         HEAD_DIM=head_dim,
+        HAS_SINKS=sinks is not None,
         BLOCK_T=delta_block,
         BLOCK_D=block_d,
     )
@@ -980,8 +1031,6 @@ def attention_backward(
         **flags,
         **dot_config(q.dtype),
     )
-    # Both kernels index delta with lse's head stride (lse_head_stride), so the two must share a layout.
-    assert lse.stride() == delta.stride()
 
     config = launch_config(head_dim, "grad_kv", max_seqlen=max_seqlen, dtype=q.dtype)
     block_doc, block_cum, n_blocks = block_table(cu_seqlens, n_tokens, block=config["BLOCK_N"])
@@ -1045,3 +1094,4 @@ def attention_backward(
         **common,
         **config,  # BLOCK_M, BLOCK_N, num_warps, num_stages
     )
+    return None if dsinks_partial is None else dsinks_partial.sum(1)

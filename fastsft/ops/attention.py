@@ -1,7 +1,8 @@
 """varlen_attention: causal attention over packed documents as torch custom ops (Triton or reference).
 
 The forward op returns (out, lse); the backward is its own op that recomputes the probabilities from lse
-(FlashAttention-2), so autograd saves q, k, v, out and the fp32 lse [Hq, T] and nothing of size T x T.
+(FlashAttention-2), so autograd saves q, k, v, out and the fp32 lse [Hq, T] (and the sinks [Hq] when given)
+and nothing of size T x T.
 
 `implementation=` picks whose kernels run the same math (ATTENTION_IMPLEMENTATIONS): fastsft's own
 (Triton on CUDA, or FASTSFT_BACKEND's choice), torch's `varlen_attn` (FlashAttention-2 kernels inside
@@ -42,8 +43,10 @@ def _attention_op(
     scale: float,
     window: int | None,
     softcap: float | None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (out [T, Hq, D] in q's dtype, lse [Hq, T] float32 (float64 for float64 inputs), natural log)."""
+    """-> (out [T, Hq, D] in q's dtype, lse [Hq, T] float32 (float64 for float64 inputs), natural log;
+    with sinks, lse includes the sink: logaddexp(logsumexp(s), sink))."""
     if select_backend(_OP, q) == "reference":
         work = reference.compute_dtype(q.dtype)
         out, lse = reference.varlen_attention(
@@ -55,6 +58,7 @@ def _attention_op(
             softmax_scale=scale,
             window=window,
             softcap=softcap,
+            sinks=None if sinks is None else sinks.to(work),
             return_lse=True,
         )
         return out.to(q.dtype).contiguous(), lse.contiguous()
@@ -74,14 +78,20 @@ def _attention_op(
         scale=scale,
         window=window,
         softcap=softcap,
+        sinks=_fp32_sinks(sinks),
         out=out,
         lse=lse,
     )
     return out, lse
 
 
+def _fp32_sinks(sinks: torch.Tensor | None) -> torch.Tensor | None:
+    # The kernels read the sink logits as a dense fp32 [Hq] array (the softmax statistics are fp32).
+    return None if sinks is None else sinks.to(torch.float32).contiguous()
+
+
 @_attention_op.register_fake
-def _attention_fake(q, k, v, cu_seqlens, max_seqlen, causal, scale, window, softcap):
+def _attention_fake(q, k, v, cu_seqlens, max_seqlen, causal, scale, window, softcap, sinks=None):
     lse_dtype = reference.compute_dtype(q.dtype)
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype)
 
@@ -100,13 +110,25 @@ def _attention_backward_op(
     scale: float,
     window: int | None,
     softcap: float | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (dq [T, Hq, D], dk [T, Hk, D], dv [T, Hk, D]) in the inputs' dtype."""
+    sinks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dq [T, Hq, D], dk [T, Hk, D], dv [T, Hk, D]) in the inputs' dtype, and dsinks: [Hq] in sinks'
+    dtype, or an empty float32 [0] without sinks (a custom op cannot return None)."""
     if select_backend(_OP, q) == "reference":
-        grads = reference.varlen_attention_with_grads(
-            grad_out, q, k, v, cu_seqlens, causal=causal, softmax_scale=scale, window=window, softcap=softcap
+        dq, dk, dv, dsinks = reference.varlen_attention_with_grads(
+            grad_out,
+            q,
+            k,
+            v,
+            cu_seqlens,
+            causal=causal,
+            softmax_scale=scale,
+            window=window,
+            softcap=softcap,
+            sinks=sinks,
         )
-        return tuple(g.contiguous() for g in grads)
+        dsinks = _no_sinks_grad(q) if dsinks is None else dsinks
+        return dq.contiguous(), dk.contiguous(), dv.contiguous(), dsinks.contiguous()
     from fastsft.kernels.attention import attention_backward
 
     grad_out, q, k, v, out = (_unit_dim_stride(t) for t in (grad_out, q, k, v, out))
@@ -114,7 +136,7 @@ def _attention_backward_op(
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    attention_backward(
+    dsinks = attention_backward(
         grad_out,
         q,
         k,
@@ -127,30 +149,42 @@ def _attention_backward_op(
         scale=scale,
         window=window,
         softcap=softcap,
+        sinks=_fp32_sinks(sinks),
         dq=dq,
         dk=dk,
         dv=dv,
     )
-    return dq, dk, dv
+    if sinks is None:
+        return dq, dk, dv, _no_sinks_grad(q)
+    return dq, dk, dv, dsinks.to(sinks.dtype)
+
+
+def _no_sinks_grad(q: torch.Tensor) -> torch.Tensor:
+    return q.new_empty((0,), dtype=torch.float32)
 
 
 @_attention_backward_op.register_fake
-def _attention_backward_fake(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale, window, softcap):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _attention_backward_fake(
+    grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale, window, softcap, sinks=None
+):
+    dsinks = _no_sinks_grad(q) if sinks is None else sinks.new_empty(sinks.shape)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks
 
 
 def _attention_setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_seqlen, causal, scale, window, softcap = inputs
+    q, k, v, cu_seqlens, max_seqlen, causal, scale, window, softcap, sinks = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.has_sinks = sinks is not None
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, *((sinks,) if ctx.has_sinks else ()))
     ctx.options = (max_seqlen, causal, scale, window, softcap)
 
 
 def _attention_backward(ctx, grad_out, grad_lse):
     # lse is an internal output (never returned by varlen_attention), so its gradient is always None/0.
-    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse, cu_seqlens, *ctx.options)
-    return dq, dk, dv, None, None, None, None, None, None
+    q, k, v, out, lse, cu_seqlens, *sinks = ctx.saved_tensors
+    sinks = sinks[0] if ctx.has_sinks else None
+    dq, dk, dv, dsinks = _attention_backward_op(grad_out, q, k, v, out, lse, cu_seqlens, *ctx.options, sinks)
+    return dq, dk, dv, None, None, None, None, None, None, dsinks if ctx.has_sinks else None
 
 
 _attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
@@ -187,6 +221,27 @@ def _check_cu_seqlens_values(cu_seqlens: torch.Tensor, n_tokens: int, max_seqlen
         raise ValueError(
             f"{_OP}: max_seqlen = {max_seqlen} is less than the longest document ({longest} tokens, "
             f"document {lengths.index(longest)})"
+        )
+
+
+def _check_sinks(sinks, q: torch.Tensor, implementation: str) -> None:
+    """sinks: None, or a float tensor [Hq] on q's device; only fastsft's own kernels implement them."""
+    if sinks is None:
+        return
+    if not isinstance(sinks, torch.Tensor):
+        raise TypeError(f"{_OP}: sinks must be None or a float tensor [Hq], got {type(sinks).__name__}")
+    if sinks.dim() != 1 or sinks.shape[0] != q.shape[1]:
+        raise ValueError(
+            f"{_OP}: sinks must be [Hq] = [{q.shape[1]}] (one sink logit per q head), got {describe(sinks)}"
+        )
+    if not sinks.is_floating_point():
+        raise TypeError(f"{_OP}: sinks must be a floating-point tensor [Hq], got {describe(sinks)}")
+    if sinks.device != q.device:
+        raise ValueError(f"{_OP}: sinks is on {sinks.device} but q is on {q.device}; sinks: {describe(sinks)}")
+    if implementation != "fastsft":
+        raise NotImplementedError(
+            f"{_OP}(implementation={implementation!r}): attention sinks (sinks=, gpt_oss's per-head learned "
+            f"logit) are not implemented by {implementation!r}'s kernels; use 'fastsft' (the default)"
         )
 
 
@@ -366,6 +421,7 @@ def varlen_attention(
     softmax_scale: float | None = None,
     window: int | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     implementation: str = "fastsft",
 ) -> torch.Tensor:
     """Attention over packed documents: no query attends across a document boundary, nothing is padded.
@@ -383,25 +439,30 @@ def varlen_attention(
         window: sliding-window left context W (Hugging Face's `sliding_window`, Mistral / Gemma):
             query i sees keys j with i - j < W, itself included. Needs causal=True.
         softcap: Gemma-2 logit soft-capping c: scores become c * tanh(scale * q.k / c).
+        sinks: attention sinks (gpt_oss's learned `sinks` / `s_aux`): a float tensor [Hq] (any float dtype,
+            on q's device; the math in fp32), the sink logit of each q head. It joins every softmax of its
+            head as one more column that has no value: p_j = exp(s_j) / (exp(sink_h) + sum_k exp(s_k)), so a
+            query may attend to "nothing". Differentiable (its gradient is summed over the tokens). Only
+            implementation="fastsft" has them; the others raise NotImplementedError.
         implementation: whose kernels: "fastsft" (ours), "torch" (torch.nn.attention.varlen.varlen_attn,
             no softcap) or "flash_attn" (flash-attn; FlashAttention-3's interface on Hopper when installed).
             The last two need CUDA and float16 / bfloat16.
 
     Returns:
         out [T, Hq, D] in q's dtype, contiguous: per document and head, softmax(s) v with
-        s = softcap(scale * q k^T) masked as above. Softmax statistics in fp32 (online, log-sum-exp saved
-        for the backward); products on tensor cores in the input dtype with fp32 accumulation.
+        s = softcap(scale * q k^T) masked as above (with sinks: softmax([s, sink_h])[:, :-1] v). Softmax
+        statistics in fp32 (online, log-sum-exp saved for the backward); products on tensor cores in the
+        input dtype with fp32 accumulation.
 
-    Differentiable in q, k and v (FlashAttention-2 backward, deterministic: no atomics).
+    Differentiable in q, k, v and sinks (FlashAttention-2 backward, deterministic: no atomics).
     Checks of cu_seqlens' values (starts at 0, non-decreasing, ends at T, max_seqlen large enough) need a
     host sync: they run on CPU tensors always and on CUDA tensors with FASTSFT_DEBUG=1.
     """
     max_seqlen = _check(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, window, softcap, implementation)
+    _check_sinks(sinks, q, implementation)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    softcap = None if softcap is None else float(softcap)
     if implementation != "fastsft":
-        softcap = None if softcap is None else float(softcap)
         return _external_attention(implementation, q, k, v, cu_seqlens, max_seqlen, causal, scale, window, softcap)
-    out, _ = _attention_op(
-        q, k, v, cu_seqlens, max_seqlen, causal, scale, window, None if softcap is None else float(softcap)
-    )
+    out, _ = _attention_op(q, k, v, cu_seqlens, max_seqlen, causal, scale, window, softcap, sinks)
     return out

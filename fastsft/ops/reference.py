@@ -320,6 +320,14 @@ def _documents(cu_seqlens: torch.Tensor) -> list[tuple[int, int]]:
     return [(start, end) for start, end in itertools.pairwise(bounds) if end > start]
 
 
+def _with_sink_column(scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """scores [H, S, S] -> [H, S, S + 1] with the per-head sink logit as a last column (no value)."""
+    if sinks is None:
+        return scores
+    column = sinks.to(scores.dtype).view(-1, 1, 1).expand(-1, scores.shape[1], 1)
+    return torch.cat([scores, column], dim=-1)
+
+
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -331,6 +339,7 @@ def varlen_attention(
     softmax_scale: float | None = None,
     window: int | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     return_lse: bool = False,
     eager_softmax: bool = False,
 ):
@@ -340,9 +349,13 @@ def varlen_attention(
     cu_seqlens [B+1] with document b at rows cu_seqlens[b]:cu_seqlens[b+1]. For each document and head:
         s = softcap(scale * q k^T)  (softcap(x) = c * tanh(x / c), or x), masked by `attention_allowed`
         out = softmax(s) v,  lse = logsumexp(s) per query
-    Differentiable (autograd). Computes in q's dtype, like torch's own attention in that dtype, except:
-    eager_softmax=True does the softmax in fp32 and casts the probabilities back, as Hugging Face's eager
-    attention does (the "torch's own low precision" baseline of the tests). max_seqlen is not needed here.
+    sinks [Hq] (gpt_oss's attention sinks): the sink logit of head h joins every softmax of that head as
+    one more column without a value, as Hugging Face's gpt_oss eager attention computes it:
+        out = softmax([s, sink_h])[:, :-1] v,  lse = logsumexp([s, sink_h])
+    Differentiable (autograd, sinks included). Computes in q's dtype, like torch's own attention in that
+    dtype, except: eager_softmax=True does the softmax in fp32 and casts the probabilities back, as Hugging
+    Face's eager attention does (the "torch's own low precision" baseline of the tests). max_seqlen is not
+    needed here.
 
     Returns out [T, Hq, D] (and lse [Hq, T] in float32 or float64 when return_lse).
     """
@@ -355,11 +368,13 @@ def varlen_attention(
         v_doc = v[start:end].repeat_interleave(group, dim=1)
         scores = attention_scores(q_doc, k_doc, scale=scale, softcap=softcap)
         allowed = attention_allowed(end - start, end - start, causal=causal, window=window, device=q.device)
-        scores = scores.masked_fill(~allowed, float("-inf"))
+        scores = _with_sink_column(scores.masked_fill(~allowed, float("-inf")), sinks)
         if eager_softmax:
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         else:
             probs = torch.softmax(scores, dim=-1)
+        if sinks is not None:
+            probs = probs[..., :-1]  # the sink's probability mass multiplies no value: dropped
         outs.append(torch.einsum("hqk,khd->qhd", probs, v_doc))
         if return_lse:
             lses.append(torch.logsumexp(scores.to(compute_dtype(q.dtype)), dim=-1))
@@ -371,20 +386,25 @@ def varlen_attention(
 
 
 def varlen_attention_with_grads(
-    grad_out, q, k, v, cu_seqlens, *, causal=True, softmax_scale=None, window=None, softcap=None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of `varlen_attention` for the incoming gradient grad_out [T, Hq, D], written out:
-    per document, with P = softmax(s), s = softcap(scale * q k^T) masked, t = tanh(scale * q k^T / c):
-        dv = P^T dO,  dP = dO v^T,  dS = P * (dP - rowsum(dP * P)) [* (1 - t^2) with softcap]
+    grad_out, q, k, v, cu_seqlens, *, causal=True, softmax_scale=None, window=None, softcap=None, sinks=None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(dq, dk, dv, dsinks) of `varlen_attention` for the incoming gradient grad_out [T, Hq, D], written
+    out: per document, with s = softcap(scale * q k^T) masked, t = tanh(scale * q k^T / c) and
+    [P, P_sink] = softmax([s, sink]) (P = softmax(s) without sinks):
+        dv = P^T dO,  dP = dO v^T,  delta = rowsum(dP * P) = rowsum(dO * out)
+        dS = P * (dP - delta) [* (1 - t^2) with softcap]
         dq = scale * dS k,  dk = scale * dS^T q
-    with dk, dv summed over the q heads that share a k/v head. Computed in `compute_dtype`; returned in
-    the input dtypes. (The reference backend's backward: autograd does not record inside a custom op.)"""
+        dsinks[h] = -sum over the tokens t of head h of P_sink[t] * delta[t]   (None without sinks)
+    (the sink's column carries no value, so its dP is 0 and its dS is -P_sink * delta), with dk, dv summed
+    over the q heads that share a k/v head. Computed in `compute_dtype`; returned in the input dtypes. (The
+    reference backend's backward: autograd does not record inside a custom op.)"""
     work = compute_dtype(q.dtype)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     group = q.shape[1] // k.shape[1]
     dq = torch.zeros(q.shape, dtype=work, device=q.device)
     dk = torch.zeros(k.shape, dtype=work, device=q.device)
     dv = torch.zeros(v.shape, dtype=work, device=q.device)
+    dsinks = None if sinks is None else torch.zeros(sinks.shape, dtype=work, device=q.device)
     for start, end in _documents(cu_seqlens):
         q_doc, d_out = q[start:end].to(work), grad_out[start:end].to(work)
         k_doc = k[start:end].to(work).repeat_interleave(group, dim=1)
@@ -392,13 +412,18 @@ def varlen_attention_with_grads(
         raw = torch.einsum("qhd,khd->hqk", q_doc, k_doc) * scale
         scores = _softcapped(raw, softcap)
         allowed = attention_allowed(end - start, end - start, causal=causal, window=window, device=q.device)
-        probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+        probs = torch.softmax(_with_sink_column(scores.masked_fill(~allowed, float("-inf")), sinks), dim=-1)
+        if sinks is not None:
+            sink_probs, probs = probs[..., -1:], probs[..., :-1]  # [H, S, 1] and [H, S, S]
         d_probs = torch.einsum("qhd,khd->hqk", d_out, v_doc)
-        d_scores = probs * (d_probs - (d_probs * probs).sum(-1, keepdim=True))
+        delta = (d_probs * probs).sum(-1, keepdim=True)
+        d_scores = probs * (d_probs - delta)
         if softcap is not None:
             d_scores = d_scores * (1 - torch.tanh(raw / softcap) ** 2)
+        if dsinks is not None:
+            dsinks -= (sink_probs * delta).sum((1, 2))
         dq[start:end] = scale * torch.einsum("hqk,khd->qhd", d_scores, k_doc)
         heads = (end - start, k.shape[1], group, k.shape[2])
         dk[start:end] = (scale * torch.einsum("hqk,qhd->khd", d_scores, q_doc)).view(heads).sum(2)
         dv[start:end] = torch.einsum("hqk,qhd->khd", probs, d_out).view(heads).sum(2)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None if dsinks is None else dsinks.to(sinks.dtype)
