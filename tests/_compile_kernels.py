@@ -125,9 +125,9 @@ def elementwise_cases(dtype: str):
             yield kernel, {}, dict(config, ACTIVATION=activation, **fix), {"num_warps": num_warps}
 
 
-# (dtype, head dim, mask options on) for varlen attention: compiles are slow (~5 s each), so every head-dim
-# class with every option on (the most code) in bf16, the plain causal path in bf16 and fp16, and fp32
-# (its own tiles and shared-memory budget; 256 has a class of its own).
+# (dtype, head dim, options on) for varlen attention: compiles are slow (~5 s each), so every head-dim
+# class with every option on (window, softcap and sinks: the most code) in bf16, the plain causal path (no
+# sinks) in bf16 and fp16, and fp32 (its own tiles and shared-memory budget; 256 has a class of its own).
 ATTENTION_CASES = (
     ("bf16", 64, True),
     ("bf16", 128, True),
@@ -151,6 +151,8 @@ def attention_cases(dtype: str):
         "BLOCK_CUM_ptr": "i32",
         "LSE_ptr": "fp32",
         "DELTA_ptr": "fp32",
+        "SINKS_ptr": "fp32",
+        "DSINKS_PARTIAL_ptr": "fp32",
     }
     kernels = {
         "fwd": attn._attention_forward_kernel,
@@ -160,16 +162,19 @@ def attention_cases(dtype: str):
     for case_dtype, head_dim, options in ATTENTION_CASES:
         if case_dtype != dtype:
             continue
-        flags = dict(CAUSAL=True, HAS_WINDOW=options, HAS_SOFTCAP=options)
+        flags = dict(CAUSAL=True, HAS_WINDOW=options, HAS_SOFTCAP=options, HAS_SINKS=options)
         for pass_name, kernel in kernels.items():
             torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
             config = attn.launch_config(head_dim, pass_name, max_seqlen=8192, dtype=torch_dtype)
             launch = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
             constexprs = dict(config, **flags, **dots, HEAD_DIM=head_dim, BLOCK_D=attn.padded_head_dim(head_dim))
+            if pass_name != "fwd":
+                del constexprs["HAS_SINKS"]  # the sinks' gradient is the delta kernel's work
             yield kernel, index, constexprs, launch
     if dtype == "bf16":
-        delta_constexprs = {"HEAD_DIM": 128, "BLOCK_T": 64, "BLOCK_D": 128}
-        yield attn._attention_delta_kernel, {"DELTA_ptr": "fp32"}, delta_constexprs, {"num_warps": 4}
+        for has_sinks in (False, True):
+            delta_constexprs = {"HEAD_DIM": 128, "HAS_SINKS": has_sinks, "BLOCK_T": 64, "BLOCK_D": 128}
+            yield attn._attention_delta_kernel, index, delta_constexprs, {"num_warps": 4}
 
 
 def main() -> int:

@@ -1,6 +1,7 @@
 """varlen_attention: forward and backward against plain per-document attention in float64 (fp32 ~1e-5
-relative; bf16/fp16 within 2x the error of torch's own attention in that dtype), every option, GQA, odd
-head dims, block-boundary document lengths, the visited-block ranges, argument validation.
+relative; bf16/fp16 within 2x the error of torch's own attention in that dtype), every option (attention
+sinks and their gradient included), GQA, odd head dims, block-boundary document lengths, the visited-block
+ranges, argument validation.
 
 On CPU the kernels run in Triton's interpreter with 16 x 16 blocks (FASTSFT_ATTENTION_BLOCKS overrides
 them, to test unequal query / key blocks); the GPU suite runs the same tests plus real sizes.
@@ -33,17 +34,35 @@ def documents(lengths, n_q_heads=4, n_kv_heads=2, head_dim=32, dtype=torch.float
     return q, k, v, cu_seqlens
 
 
-def check_parity(lengths, dtype=torch.float32, n_q_heads=4, n_kv_heads=2, head_dim=32, **options):
+def random_sinks(n_q_heads, dtype=torch.float32):
+    """Sink logits [Hq] (exact in dtype) spread over the range of the scores: some heads' sinks take most
+    of the softmax mass, some almost none."""
+    return (2.0 * torch.randn(n_q_heads, device=DEVICE)).to(dtype)
+
+
+def check_parity(
+    lengths, dtype=torch.float32, n_q_heads=4, n_kv_heads=2, head_dim=32, sinks=False, sinks_dtype=None, **options
+):
+    """Outputs and gradients against float64; sinks=True adds random sink logits (in sinks_dtype, default
+    dtype) as a fourth differentiable input."""
     q, k, v, cu_seqlens = documents(lengths, n_q_heads, n_kv_heads, head_dim, dtype)
     max_seqlen = max(lengths)
+    inputs = [q, k, v] + ([random_sinks(n_q_heads, sinks_dtype or dtype)] if sinks else [])
+
+    def sinks_of(rest):
+        return rest[0] if rest else None
+
     assert_op_parity(
-        f"varlen_attention {options}",
-        lambda q, k, v: varlen_attention(q, k, v, cu_seqlens, max_seqlen, **options),
-        lambda q, k, v: reference.varlen_attention(q, k, v, cu_seqlens, **options),
-        [q, k, v],
+        f"varlen_attention {options}" + (" with sinks" if sinks else ""),
+        lambda q, k, v, *rest: varlen_attention(q, k, v, cu_seqlens, max_seqlen, sinks=sinks_of(rest), **options),
+        lambda q, k, v, *rest: reference.varlen_attention(q, k, v, cu_seqlens, sinks=sinks_of(rest), **options),
+        inputs,
         dtype,
         # Torch's own attention in dtype, as Hugging Face's eager attention computes it.
-        torch_lowp_op=lambda q, k, v: reference.varlen_attention(q, k, v, cu_seqlens, eager_softmax=True, **options),
+        torch_lowp_op=lambda q, k, v, *rest: reference.varlen_attention(
+            q, k, v, cu_seqlens, sinks=sinks_of(rest), eager_softmax=True, **options
+        ),
+        input_dtypes=[None, None, None, sinks_dtype] if sinks else None,
     )
 
 
@@ -222,6 +241,274 @@ def test_opcheck(triton_backend):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Attention sinks (gpt_oss): a per-head logit in every softmax denominator, without a value.
+# ---------------------------------------------------------------------------------------------------------
+
+SINK_OPTIONS = [
+    {},
+    {"causal": False},
+    {"window": 2},
+    {"window": 20, "softcap": 2.5},
+    {"softcap": 3.0, "softmax_scale": 0.3},
+]
+
+
+def _ids(options):
+    return ",".join(f"{k}={v}" for k, v in options.items()) or "causal"
+
+
+@pytest.mark.parametrize("options", SINK_OPTIONS, ids=_ids)
+def test_sinks_fp32_parity_every_option(triton_backend, options):
+    """Outputs, dq, dk, dv and the sinks' gradient of the kernels against float64 autograd of the reference."""
+    check_parity(MIXED_LENGTHS, sinks=True, **options)
+
+
+@pytest.mark.parametrize("options", [{}, {"window": 6, "softcap": 2.0}], ids=_ids)
+def test_sinks_reference_backend_matches_float64_autograd(reference_backend, options):
+    """The CPU fallback's hand-written backward (sinks' gradient included) against autograd."""
+    check_parity(MIXED_LENGTHS, sinks=True, **options)
+    check_parity([10, 3], causal=False, n_q_heads=6, n_kv_heads=3, sinks=True)
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 1])
+def test_sinks_with_gqa(triton_backend, n_kv_heads):
+    """Each q head has its own sink, also where several q heads share a k/v head."""
+    check_parity([13, 20, 2, 1], n_q_heads=8, n_kv_heads=n_kv_heads, head_dim=16, sinks=True, window=11)
+
+
+@pytest.mark.parametrize("blocks", ["32,16", "16,32"])
+def test_sinks_with_unequal_query_and_key_blocks(triton_backend, monkeypatch, blocks):
+    monkeypatch.setenv("FASTSFT_ATTENTION_BLOCKS", blocks)
+    check_parity([1, 31, 33, 70], sinks=True, window=19)
+
+
+def test_sinks_with_a_padded_head_dim(triton_backend):
+    check_parity([9, 17, 24], n_q_heads=2, n_kv_heads=1, head_dim=80, sinks=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("options", [{}, {"window": 9, "softcap": 5.0}], ids=["causal", "window+softcap"])
+def test_sinks_low_precision_within_torch_error(triton_backend, dtype, options):
+    check_parity([1, 16, 17, 40], dtype=dtype, head_dim=64, sinks=True, **options)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_sinks_in_another_float_dtype(monkeypatch, backend):
+    """The sinks may have any float dtype (a bf16 model's parameter, or fp32 master weights beside bf16
+    activations): the math is in fp32 and their gradient comes back in their own dtype."""
+    monkeypatch.setenv("FASTSFT_BACKEND", backend)
+    check_parity([1, 16, 17, 40], dtype=torch.bfloat16, head_dim=64, sinks=True, sinks_dtype=torch.float32)
+    # bf16 sinks beside fp32 q/k/v: exactly the fp32 computation on the same (bf16-exact) values, with the
+    # sinks' gradient rounded once to bf16 at the end.
+    q, k, v, cu_seqlens = documents([1, 16, 17, 40], head_dim=32)
+    grad = torch.randn_like(q)
+    sinks = random_sinks(4, torch.bfloat16)
+    results = []
+    for sinks_dtype in (torch.bfloat16, torch.float32):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)] + [sinks.to(sinks_dtype).requires_grad_()]
+        out = varlen_attention(*leaves[:3], cu_seqlens, 40, sinks=leaves[3])
+        results.append([out, *torch.autograd.grad(out, leaves, grad)])
+    bf16_sinks, fp32_sinks = results
+    assert bf16_sinks[4].dtype == torch.bfloat16 and fp32_sinks[4].dtype == torch.float32
+    for a, b in zip(bf16_sinks[:4], fp32_sinks[:4], strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(bf16_sinks[4], fp32_sinks[4].to(torch.bfloat16))
+
+
+def _naive_attention_with_sinks(q, k, v, cu_seqlens, sinks, *, scale, causal=True, window=None, softcap=None):
+    """Independent of reference.py: one document, one q head at a time, scores [S, S] from matmuls, the sink
+    appended as a last column, softmax, the last column dropped. Returns (out [T, Hq, D], lse [Hq, T])."""
+    group = q.shape[1] // k.shape[1]
+    out = torch.zeros_like(q)
+    lse = torch.zeros(q.shape[1], q.shape[0], dtype=q.dtype)
+    out_rows, lse_rows = [], []
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        n = end - start
+        if n == 0:
+            continue
+        heads_out, heads_lse = [], []
+        for h in range(q.shape[1]):
+            scores = q[start:end, h] @ k[start:end, h // group].T * scale
+            if softcap is not None:
+                scores = softcap * torch.tanh(scores / softcap)
+            i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+            visible = (j <= i if causal else torch.ones(n, n, dtype=torch.bool)) & (
+                (i - j < window) if window is not None else True
+            )
+            scores = torch.where(visible, scores, torch.tensor(float("-inf"), dtype=q.dtype))
+            combined = torch.cat([scores, sinks[h].expand(n, 1)], dim=1)
+            probs = torch.softmax(combined, dim=1)[:, :n]
+            heads_out.append(probs @ v[start:end, h // group])
+            heads_lse.append(torch.logsumexp(combined, dim=1))
+        out_rows.append(torch.stack(heads_out, dim=1))
+        lse_rows.append(torch.stack(heads_lse))
+    out = torch.cat(out_rows) if out_rows else out
+    lse = torch.cat(lse_rows, dim=1) if lse_rows else lse
+    return out, lse
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"causal": False}, {"window": 3, "softcap": 2.0}, {"window": 1}],
+    ids=_ids,
+)
+def test_reference_sinks_match_a_naive_per_document_softmax(options):
+    """The oracle itself (float64): out, lse and every gradient (sinks' included) of reference.varlen_attention,
+    and the hand-written backward varlen_attention_with_grads, against a naive softmax over [scores, sink]."""
+    q, k, v, cu_seqlens = documents([1, 7, 0, 12, 1], n_q_heads=6, n_kv_heads=2, head_dim=8, dtype=torch.float64)
+    sinks = random_sinks(6, torch.float64)
+    scale = 8**-0.5
+    grad = torch.randn_like(q)
+    results = []
+    for oracle in ("naive", "reference"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+        if oracle == "naive":
+            out, lse = _naive_attention_with_sinks(*leaves[:3], cu_seqlens, leaves[3], scale=scale, **options)
+        else:
+            out, lse = reference.varlen_attention(
+                *leaves[:3], cu_seqlens, sinks=leaves[3], softmax_scale=scale, return_lse=True, **options
+            )
+        results.append([out.detach(), lse.detach(), *torch.autograd.grad(out, leaves, grad)])
+    hand_written = reference.varlen_attention_with_grads(
+        grad, q, k, v, cu_seqlens, sinks=sinks, softmax_scale=scale, **options
+    )
+    naive, ours = results
+    names = ("out", "lse", "dq", "dk", "dv", "dsinks")
+    for name, actual, want in zip(names, ours, naive, strict=True):
+        torch.testing.assert_close(actual, want, rtol=1e-12, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+    for name, actual, want in zip(names[2:], hand_written, naive[2:], strict=True):
+        torch.testing.assert_close(actual, want, rtol=1e-12, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+    # The sinks' gradient in closed form: -sum_t P_sink(t) * rowsum(dO_t * O_t) per head.
+    p_sink = torch.exp(sinks[:, None] - naive[1])  # [Hq, T]
+    delta = (grad * naive[0]).sum(-1).T  # [Hq, T]
+    torch.testing.assert_close(naive[5], -(p_sink * delta).sum(1), rtol=1e-12, atol=1e-12)
+
+
+def test_sinks_gradient_against_finite_differences():
+    """The closed form of the sinks' gradient, checked without autograd (float64 central differences)."""
+    q, k, v, cu_seqlens = documents([4, 9], n_q_heads=2, n_kv_heads=1, head_dim=8, dtype=torch.float64)
+    sinks = random_sinks(2, torch.float64)
+    grad = torch.randn_like(q)
+    dsinks = reference.varlen_attention_with_grads(grad, q, k, v, cu_seqlens, sinks=sinks, window=5)[3]
+    for h in range(2):
+        step = torch.zeros_like(sinks)
+        step[h] = 1e-6
+        plus = (reference.varlen_attention(q, k, v, cu_seqlens, sinks=sinks + step, window=5) * grad).sum()
+        minus = (reference.varlen_attention(q, k, v, cu_seqlens, sinks=sinks - step, window=5) * grad).sum()
+        assert abs(float(dsinks[h]) - float(plus - minus) / 2e-6) < 1e-7
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_sinks_none_is_the_path_without_sinks(monkeypatch, backend):
+    """sinks=None runs exactly the code without sinks: bitwise the same outputs, gradients and saved lse as a
+    call that never names the option (the kernels' HAS_SINKS=False variant), and autograd saves no sinks."""
+    monkeypatch.setenv("FASTSFT_BACKEND", backend)
+    q, k, v, cu_seqlens = documents([1, 16, 17, 30], head_dim=16)
+    grad = torch.randn_like(q)
+    results = []
+    for kwargs in ({}, {"sinks": None}):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = varlen_attention(*leaves, cu_seqlens, 30, window=9, **kwargs)
+        results.append([out, *torch.autograd.grad(out, leaves, grad)])
+    for without, with_none in zip(*results, strict=True):
+        assert torch.equal(without, with_none)
+    lse_default = _attention_op(q, k, v, cu_seqlens, 30, True, 0.25, 9, None)[1]
+    lse_none = _attention_op(q, k, v, cu_seqlens, 30, True, 0.25, 9, None, None)[1]
+    assert torch.equal(lse_default, lse_none)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("sink", [-1e4, float("-inf")], ids=["-1e4", "-inf"])
+def test_sinks_far_below_every_score_change_nothing(monkeypatch, backend, sink):
+    """A sink of -1e4 (or -inf) holds no softmax mass in fp32: outputs and q/k/v gradients equal those without
+    sinks (bitwise in the kernels: exp2 of the sink underflows to 0 and the rescale factor is exp2(0) = 1),
+    and the sinks' gradient is 0."""
+    monkeypatch.setenv("FASTSFT_BACKEND", backend)
+    q, k, v, cu_seqlens = documents(MIXED_LENGTHS, head_dim=16)
+    grad = torch.randn_like(q)
+    results = []
+    for sinks in (None, torch.full((4,), sink, device=DEVICE, requires_grad=True)):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = varlen_attention(*leaves, cu_seqlens, 47, window=20, softcap=4.0, sinks=sinks)
+        grads = torch.autograd.grad(out, leaves + ([sinks] if sinks is not None else []), grad)
+        results.append([out, *grads])
+    without, with_sinks = results
+    for a, b in zip(without, with_sinks[:4], strict=True):
+        if backend == "triton":
+            assert torch.equal(b, a)
+        else:  # torch's softmax over one more column may sum in another order
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    assert torch.equal(with_sinks[4], torch.zeros(4, device=DEVICE))
+
+
+def test_sinks_lse_and_output_of_the_kernels(triton_backend):
+    """The saved log-sum-exp includes the sink (logaddexp(lse, sink)) and out is rescaled by exp(lse - lse')."""
+    q, k, v, cu_seqlens = documents([3, 20, 1], head_dim=16)
+    sinks = random_sinks(4)
+    out, lse = _attention_op(q, k, v, cu_seqlens, 20, True, 0.25, None, None, sinks)
+    plain_out, plain_lse = reference.varlen_attention(
+        q.double(), k.double(), v.double(), cu_seqlens, softmax_scale=0.25, return_lse=True
+    )
+    want_lse = torch.logaddexp(plain_lse, sinks.double()[:, None])
+    want_out = plain_out * torch.exp(plain_lse - want_lse).T[:, :, None]
+    torch.testing.assert_close(lse.double(), want_lse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double(), want_out, rtol=1e-5, atol=1e-5)
+
+
+def test_sinks_gradients_are_deterministic(triton_backend):
+    q, k, v, cu_seqlens = documents([37, 50], n_q_heads=8, n_kv_heads=2, head_dim=32)
+    sinks = random_sinks(8)
+    grad = torch.randn_like(q)
+
+    def grads():
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+        out = varlen_attention(*leaves[:3], cu_seqlens, 50, window=30, sinks=leaves[3])
+        return torch.autograd.grad(out, leaves, grad)
+
+    for first, second in zip(grads(), grads(), strict=True):
+        assert torch.equal(first, second)
+
+
+def test_sinks_with_no_tokens(triton_backend):
+    q, k, v, cu_seqlens = documents([0])
+    sinks = random_sinks(4).requires_grad_()
+    out = varlen_attention(q, k, v, cu_seqlens, 0, sinks=sinks)
+    assert out.shape == (0, 4, 32)
+    assert torch.equal(torch.autograd.grad(out.sum(), sinks)[0], torch.zeros(4))
+
+
+def test_sinks_backward_saves_nothing_quadratic(triton_backend):
+    q, k, v, cu_seqlens = documents([64, 64], head_dim=16)
+    sinks = random_sinks(4).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        varlen_attention(q, k, v, cu_seqlens, 64, sinks=sinks)
+    assert any(t is sinks for t in saved) and max(t.numel() for t in saved) <= q.numel()
+    assert sum(t.numel() for t in saved) <= 2 * q.numel() + 2 * k.numel() + q.shape[0] * q.shape[1] + 3 + 4
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_opcheck_with_sinks(monkeypatch, backend):
+    """Schema, fake (meta) implementation for torch.compile and the autograd registration with sinks."""
+    monkeypatch.setenv("FASTSFT_BACKEND", backend)
+    q, k, v, cu_seqlens = documents([5, 11], head_dim=16)
+    sinks = random_sinks(4)
+    for t in (q, k, v, sinks):
+        t.requires_grad_()
+    torch.library.opcheck(_attention_op, (q, k, v, cu_seqlens, 11, True, 0.25, 4, 3.0, sinks))
+
+
+@pytest.mark.parametrize("implementation", ["torch", "flash_attn"])
+def test_sinks_are_refused_by_the_flash_implementations(implementation):
+    """torch's varlen_attn and flash-attn have no sinks: an error naming the option, never ignored (raised
+    before anything checks for CUDA or imports the backend)."""
+    q, k, v, cu_seqlens = documents([3, 5], head_dim=16)
+    with pytest.raises(NotImplementedError, match=rf"implementation='{implementation}'\): attention sinks \(sinks="):
+        varlen_attention(q, k, v, cu_seqlens, 5, sinks=random_sinks(4), implementation=implementation)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The visited-block ranges: skipped blocks hold no visible pair, mask-free blocks need no mask.
 # ---------------------------------------------------------------------------------------------------------
 
@@ -307,7 +594,8 @@ def _bad_call(**overrides):
     q, k, v, cu_seqlens = documents([3, 5], head_dim=16)
     args = dict(q=q, k=k, v=v, cu_seqlens=cu_seqlens, max_seqlen=5)
     args.update(overrides)
-    options = {name: args.pop(name) for name in ("causal", "softmax_scale", "window", "softcap") if name in args}
+    names = ("causal", "softmax_scale", "window", "softcap", "sinks")
+    options = {name: args.pop(name) for name in names if name in args}
     return varlen_attention(args["q"], args["k"], args["v"], args["cu_seqlens"], args["max_seqlen"], **options)
 
 
@@ -330,10 +618,17 @@ def _bad_call(**overrides):
         ({"window": 4, "causal": False}, ValueError, "needs causal=True"),
         ({"softcap": 0.0}, ValueError, "softcap"),
         ({"softmax_scale": float("nan")}, ValueError, "softmax_scale"),
+        ({"sinks": torch.zeros(5)}, ValueError, r"sinks must be \[Hq\] = \[4\].*shape \(5,\), dtype torch.float32"),
+        ({"sinks": torch.zeros(1, 4)}, ValueError, r"sinks must be \[Hq\] = \[4\].*shape \(1, 4\)"),
+        ({"sinks": torch.zeros(4, dtype=torch.int32)}, TypeError, r"sinks must be a floating-point.*torch.int32"),
+        ({"sinks": [0.0, 0.0, 0.0, 0.0]}, TypeError, "sinks must be None or a float tensor"),
+        ({"sinks": torch.zeros(4, device="meta")}, ValueError, "sinks is on meta"),
     ],
 )
 def test_invalid_arguments_raise_clear_errors(triton_backend, overrides, error, match):
-    overrides = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in overrides.items()}
+    overrides = {
+        k: v.to(DEVICE) if isinstance(v, torch.Tensor) and v.device.type != "meta" else v for k, v in overrides.items()
+    }
     with pytest.raises(error, match=match):
         _bad_call(**overrides)
 
@@ -360,26 +655,37 @@ def _lognormal_lengths(n_tokens: int, low: int, high: int, seed: int = 0) -> lis
     return lengths
 
 
-def _check_documents_on_gpu(q, k, v, cu_seqlens, documents_to_check, grad, **options):
-    """Outputs and gradients of the chosen documents against float64 (bound: 2x torch's own error)."""
-    for t in (q, k, v):
+def _check_documents_on_gpu(q, k, v, cu_seqlens, documents_to_check, grad, sinks=None, **options):
+    """Outputs and gradients of the chosen documents against float64 (bound: 2x torch's own error). With
+    sinks (their gradient sums over every document), every non-empty document must be checked, and the
+    sinks' gradient is compared as the sum of the documents' float64 (and torch low-precision) gradients."""
+    leaves = [q, k, v] + ([sinks] if sinks is not None else [])
+    for t in leaves:
         t.requires_grad_()
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    out = varlen_attention(q, k, v, cu_seqlens, max(lengths), **options)
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+    out = varlen_attention(q, k, v, cu_seqlens, max(lengths), sinks=sinks, **options)
+    dq, dk, dv, *dsinks = torch.autograd.grad(out, leaves, grad)
+    if sinks is not None:
+        assert set(documents_to_check) >= {doc for doc, n in enumerate(lengths) if n}, "sinks: check every document"
+        summed = {"exact": 0.0, "torch": 0.0}
     for doc in documents_to_check:
         start, end = int(cu_seqlens[doc]), int(cu_seqlens[doc + 1])
         local = torch.tensor([0, end - start], dtype=torch.int32, device=q.device)
-        pieces = [t[start:end].detach() for t in (q, k, v)]
+        pieces = [t[start:end].detach() for t in (q, k, v)] + ([sinks.detach()] if sinks is not None else [])
         results = {}
         for name, dtype, eager in (("exact", torch.float64, False), ("torch", q.dtype, True)):
-            leaves = [t.to(dtype).requires_grad_() for t in pieces]
-            o = reference.varlen_attention(*leaves, local, eager_softmax=eager, **options)
-            results[name] = [o, *torch.autograd.grad(o, leaves, grad[start:end].to(dtype))]
+            doc_leaves = [t.to(dtype).requires_grad_() for t in pieces]
+            doc_sinks = doc_leaves[3] if sinks is not None else None
+            o = reference.varlen_attention(*doc_leaves[:3], local, sinks=doc_sinks, eager_softmax=eager, **options)
+            results[name] = [o, *torch.autograd.grad(o, doc_leaves, grad[start:end].to(dtype))]
+            if sinks is not None:
+                summed[name] = summed[name] + results[name].pop().double()
         ours = [out[start:end], dq[start:end], dk[start:end], dv[start:end]]
         compared = zip(("out", "dq", "dk", "dv"), ours, results["torch"], results["exact"], strict=True)
         for label, actual, torch_lowp, exact in compared:
             assert_within_torch_error(f"document {doc} {label}", actual, torch_lowp, exact)
+    if sinks is not None:
+        assert_within_torch_error("dsinks", dsinks[0], summed["torch"], summed["exact"])
 
 
 @pytest.mark.gpu
@@ -396,6 +702,27 @@ def test_gpu_bf16_32k_token_batch(head_dim):
 def test_gpu_32k_token_document_with_window_and_softcap():
     q, k, v, cu_seqlens = documents([32768], 8, 2, 128, torch.bfloat16)
     _check_documents_on_gpu(q, k, v, cu_seqlens, [0], torch.randn_like(q), window=4096, softcap=50.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [None, 128], ids=["full", "window128"])
+def test_gpu_bf16_sinks_gpt_oss_shape(window):
+    """gpt_oss's attention: head dim 64, GQA 8:1, bf16 sink logits, full and 128-token sliding-window layers;
+    outputs, q/k/v gradients per document and the sinks' gradient over the whole batch."""
+    lengths = [1, 700, 4096, 33, 2500, 129]
+    q, k, v, cu_seqlens = documents(lengths, 16, 2, 64, torch.bfloat16)
+    sinks = random_sinks(16, torch.bfloat16)
+    grad = torch.randn_like(q)
+    _check_documents_on_gpu(q, k, v, cu_seqlens, range(len(lengths)), grad, sinks=sinks, window=window)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_sinks_32k_token_batch_head_dim_128():
+    """Real batch sizes: many documents, head dim 128, fp32 sinks beside bf16 activations."""
+    lengths = _lognormal_lengths(32768, 128, 4096)
+    q, k, v, cu_seqlens = documents(lengths, 8, 2, 128, torch.bfloat16)
+    sinks = random_sinks(8, torch.float32)
+    _check_documents_on_gpu(q, k, v, cu_seqlens, range(len(lengths)), torch.randn_like(q), sinks=sinks)
 
 
 @pytest.mark.gpu
