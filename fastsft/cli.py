@@ -43,6 +43,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(format_config(config))
 
     from fastsft.data import DataError
+    from fastsft.patch import UnsupportedModelError
     from fastsft.train.checkpoint import ResumeError
     from fastsft.train.distributed import DistributedError
     from fastsft.train.loop import train
@@ -50,7 +51,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     who = "fastsft train" if "RANK" not in os.environ else f"fastsft train (rank {os.environ['RANK']})"
     try:
         result = train(config)
-    except (DataError, FileNotFoundError, DistributedError, ResumeError, ConfigError) as exc:  # bad input: exit 2
+    except (DataError, FileNotFoundError, DistributedError, ResumeError, ConfigError, UnsupportedModelError) as exc:
+        # bad input (a model fastsft cannot train exactly included): one line, exit 2
         print(f"{who}: {exc}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:  # the NaN guard gave up; its message says what to try

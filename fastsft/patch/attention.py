@@ -31,7 +31,7 @@ import torch
 from fastsft.ops import apply_rope, varlen_attention
 
 from .binding import original_forward
-from .families import attention_softcap, sliding_window
+from .families import UnsupportedModelError, attention_softcap, sliding_window
 
 ATTENTION_NAME = "fastsft"
 PLAN_KWARG = "fastsft_varlen_plan"
@@ -226,7 +226,10 @@ _HARMLESS_KWARGS = {
     "position_embeddings",
     "return_dict",
     "output_hidden_states",
+    # The loss's arguments: a model whose loss fastsft does not compute passes them down with the rest of its
+    # **kwargs (as HF's own attention functions ignore them, so does fastsft's).
     "num_items_in_batch",
+    "shift_labels",
 }
 
 
@@ -253,10 +256,10 @@ def fastsft_attention(
     function, S != S_kv) and output_attentions run a plain masked softmax in PyTorch: correct, not fast
     (fastsft accelerates training)."""
     if dropout:
-        raise NotImplementedError("fastsft attention has no dropout; set config.attention_dropout = 0")
+        raise UnsupportedModelError("fastsft attention has no dropout; set config.attention_dropout = 0")
     unknown = sorted(k for k, v in kwargs.items() if torch.is_tensor(v) and k not in _HARMLESS_KWARGS)
     if unknown:
-        raise NotImplementedError(
+        raise UnsupportedModelError(
             f"fastsft attention does not implement {', '.join(unknown)} ({type(module).__name__}); "
             "patch this model with fastsft.patch(model, attention=False)"
         )
@@ -359,17 +362,60 @@ def _signature(function) -> inspect.Signature:
     return inspect.signature(function)
 
 
+def _bound_call(self, args, kwargs):
+    """(original forward, its signature, the bound arguments, their **kwargs) of a patched decoder's call."""
+    original = original_forward(self)
+    signature = _signature(original.__func__) if isinstance(original, types.MethodType) else inspect.signature(original)
+    bound = signature.bind_partial(self, *args, **kwargs) if isinstance(original, types.MethodType) else None
+    arguments = bound.arguments if bound is not None else signature.bind_partial(*args, **kwargs).arguments
+    return original, signature, arguments, arguments.get("kwargs", {})
+
+
+def packing_guard_forward(self, *args, **kwargs):
+    """Forward of the base decoder of a model that cannot keep packed documents apart (`_fastsft_packing`
+    says why): a row holding several documents (position_ids restarting, cu_seq_lens_q) is refused; one
+    document per row (plain or padded batches) runs the model's own forward."""
+    original, _, arguments, extra = _bound_call(self, args, kwargs)
+    tokens = arguments.get("input_ids")
+    if tokens is None:
+        tokens = arguments.get("inputs_embeds")
+    if tokens is not None and tokens.dim() >= 2:
+        plan = plan_varlen(
+            tokens.shape[0],
+            tokens.shape[1],
+            tokens.device,
+            attention_mask=arguments.get("attention_mask") if _is_2d(arguments.get("attention_mask")) else None,
+            position_ids=arguments.get("position_ids"),
+            cu_seq_lens_q=extra.get("cu_seq_lens_q"),
+            max_length_q=extra.get("max_length_q"),
+        )
+        refuse_packed_rows(self, plan, tokens.shape[0])
+    return original(*args, **kwargs)
+
+
+def _is_2d(mask) -> bool:
+    return mask is not None and mask.dim() == 2
+
+
+def refuse_packed_rows(decoder, plan: VarlenPlan, batch: int) -> None:
+    """UnsupportedModelError when `plan` puts more than one document in a row and the decoder's model cannot
+    keep them apart (its `_fastsft_packing` reason is set)."""
+    reason = decoder.__dict__.get("_fastsft_packing")
+    if reason and plan.cu_seqlens.numel() - 1 > batch:
+        raise UnsupportedModelError(
+            f"{type(decoder).__name__} was given packed documents (several per row), but {reason}: they would "
+            "attend to each other. Give one document per row (padding, or a batch of 1), or a model fastsft "
+            "keeps documents apart for (see fastsft_report)"
+        )
+
+
 def decoder_forward(self, *args, **kwargs):
     """Forward of the patched base decoder: work out the documents once, then run the model's own forward
     with the plan in its kwargs (HF passes them down to every attention module).
 
     A training forward without a cache also gets use_cache=False: a cache built during training would send
     every layer to the slow cached path (and HF only packs by position_ids without a cache)."""
-    original = original_forward(self)
-    signature = _signature(original.__func__) if isinstance(original, types.MethodType) else inspect.signature(original)
-    bound = signature.bind_partial(self, *args, **kwargs) if isinstance(original, types.MethodType) else None
-    arguments = bound.arguments if bound is not None else signature.bind_partial(*args, **kwargs).arguments
-    extra = arguments.get("kwargs", {})
+    original, signature, arguments, extra = _bound_call(self, args, kwargs)
     names = ("cache", "past_key_values")
     if any(arguments.get(n) is not None or extra.get(n) is not None for n in names) or extra.get("output_attentions"):
         return original(*args, **kwargs)
@@ -383,7 +429,7 @@ def decoder_forward(self, *args, **kwargs):
         tokens = arguments.get("inputs_embeds")
     if tokens is None or tokens.dim() < 2:
         return original(*args, **kwargs)
-    kwargs[PLAN_KWARG] = plan_varlen(
+    kwargs[PLAN_KWARG] = plan = plan_varlen(
         tokens.shape[0],
         tokens.shape[1],
         tokens.device,
@@ -392,4 +438,5 @@ def decoder_forward(self, *args, **kwargs):
         cu_seq_lens_q=extra.get("cu_seq_lens_q"),
         max_length_q=extra.get("max_length_q"),
     )
+    refuse_packed_rows(self, plan, tokens.shape[0])
     return original(*args, **kwargs)

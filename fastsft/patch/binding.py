@@ -43,6 +43,7 @@ class Undo:
 
     forwards: list[tuple[nn.Module, list[str]]] = field(default_factory=list)  # (module, attributes we set)
     configs: list[tuple[nn.Module, object]] = field(default_factory=list)  # (module, its original config)
+    attributes: list[tuple[nn.Module, list[str]]] = field(default_factory=list)  # (module, state set alone)
 
     def bind(self, module: nn.Module, function, **state) -> None:
         """Bind `function` as module.forward (keeping an existing instance forward to call and restore) and
@@ -57,7 +58,16 @@ class Undo:
         module.__dict__["forward"] = PatchedForward(function, module)
         self.forwards.append((module, names))
 
+    def set_state(self, module: nn.Module, **state) -> None:
+        """Set fastsft state attributes on a module whose forward is bound already (or stays its own)."""
+        for name, value in state.items():
+            module.__dict__[name] = value
+        self.attributes.append((module, list(state)))
+
     def undo(self) -> None:
+        for module, names in reversed(self.attributes):
+            for name in names:
+                module.__dict__.pop(name, None)
         for module, names in reversed(self.forwards):
             previous = module.__dict__.get("_fastsft_previous_forward")
             module.__dict__.pop("forward", None)

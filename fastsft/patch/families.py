@@ -3,7 +3,7 @@
 Everything else is read from the modules themselves (head_dim, scaling, is_causal, the norms' offset and
 epsilon, the MLP's activation), so a family entry only states what cannot be measured: where a layer's
 sliding window comes from, whether attention logits are soft-capped, whether q/k get a per-head RMSNorm
-before RoPE, and whether the final logits are soft-capped.
+before RoPE. (What the head does to the logits is measured too: loss.probe_head.)
 """
 
 from __future__ import annotations
@@ -26,13 +26,11 @@ class Family:
         `sliding_window`, None on full-attention layers: Qwen2/3, Gemma2/3 alternate them).
     attention_softcap: the attention module's `attn_logit_softcapping` caps the scores (Gemma-2).
     qk_norm: per-head RMSNorms `q_norm` / `k_norm` on queries and keys before RoPE (Qwen3, Gemma-3).
-    final_softcap: config.final_logit_softcapping caps the logits before the loss (Gemma-2/3).
     """
 
     window: str | None = None
     attention_softcap: bool = False
     qk_norm: bool = False
-    final_softcap: bool = False
 
 
 FAMILIES: dict[str, Family] = {
@@ -40,8 +38,8 @@ FAMILIES: dict[str, Family] = {
     "mistral": Family(window="config"),
     "qwen2": Family(window="module"),
     "qwen3": Family(window="module", qk_norm=True),
-    "gemma2": Family(window="module", attention_softcap=True, final_softcap=True),
-    "gemma3_text": Family(window="module", qk_norm=True, final_softcap=True),
+    "gemma2": Family(window="module", attention_softcap=True),
+    "gemma3_text": Family(window="module", qk_norm=True),
 }
 
 
@@ -66,11 +64,4 @@ def attention_softcap(family: Family, attention_module) -> float | None:
     if not family.attention_softcap:
         return None
     cap = getattr(attention_module, "attn_logit_softcapping", None)
-    return float(cap) if cap else None
-
-
-def final_softcap(family: Family | None, config) -> float | None:
-    if family is None or not family.final_softcap:
-        return None
-    cap = getattr(config, "final_logit_softcapping", None)
     return float(cap) if cap else None

@@ -13,6 +13,7 @@ by it, so accumulation stays exact. Without labels the model's own forward runs 
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass
 
 import torch
@@ -22,16 +23,132 @@ from fastsft._constants import IGNORE_INDEX
 from fastsft.ops import fused_linear_cross_entropy
 
 from .binding import original_forward
-from .families import Family, final_softcap
+from .families import UnsupportedModelError
 
 # Arguments of the causal LM's forward that the base decoder does not take.
 _HEAD_ONLY = ("labels", "logits_to_keep", "return_dict")
 
 
+@dataclass(frozen=True)
+class HeadTransform:
+    """What the causal LM's forward does around its lm_head, measured (probe_head):
+    logits = softcap(logit_scale * lm_head(hidden_scale * hidden)), softcap(x) = c * tanh(x / c) (None: none).
+    Llama: (1, 1, None); Gemma-2/3: softcap = final_logit_softcapping; Cohere: logit_scale; Granite:
+    1 / logits_scaling; MiniCPM3: hidden_scale = 1 / logits_scaling."""
+
+    hidden_scale: float = 1.0
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+
 @dataclass
 class LossState:
-    family: Family | None
+    head: HeadTransform
     keep_logits: bool
+
+
+class _StubOutputs(dict):
+    """What a stub decoder returns: last_hidden_state, and None for every other output a forward may read."""
+
+    def __init__(self, hidden):
+        super().__init__(last_hidden_state=hidden)
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self.get(name)
+
+    def __getitem__(self, key):
+        return self["last_hidden_state"] if key == 0 else super().__getitem__(key)
+
+
+class _Stub(torch.nn.Module):
+    def __init__(self, function):
+        super().__init__()
+        self.function = function
+
+    def forward(self, *args, **kwargs):
+        return self.function(*args, **kwargs)
+
+
+def probe_head(model) -> tuple[HeadTransform | None, str]:
+    """Measure what the causal LM's own forward does between its decoder and the logits: the forward runs once
+    with the decoder replaced by a stub returning known hidden states and lm_head by a stub returning known
+    logits (so it also works on a model on the meta device, and costs nothing). Recognised: a scale of the
+    hidden states before lm_head, a scale of the logits, a softcap. (None, why) for anything else: then
+    fastsft's fused loss is not used, the model's own loss runs."""
+    head = model.get_output_embeddings()
+    decoder_name = getattr(model, "base_model_prefix", "")
+    head_name = next((name for name, child in model.named_children() if child is head), None)
+    if not isinstance(getattr(model, decoder_name, None), torch.nn.Module) or head_name is None:
+        return None, "no base decoder / lm_head child module to probe the head with"
+    generator = torch.Generator().manual_seed(0)
+    tokens = 5
+    hidden = torch.randn(1, tokens, head.in_features, generator=generator)
+    # Logits from near 0 (where a softcap is linear: the scale shows) to well into a softcap's saturation.
+    logits = torch.randn(1, tokens, head.out_features, generator=generator) * torch.logspace(-3, 2, tokens)[:, None]
+    head_inputs = []
+
+    def stub_head(x):
+        head_inputs.append(x.detach())
+        return logits.clone()
+
+    forward = original_forward(model)
+    kwargs = {"input_ids": torch.zeros(1, tokens, dtype=torch.long), "use_cache": False, "return_dict": True}
+    if "logits_to_keep" in inspect.signature(forward).parameters:
+        kwargs["logits_to_keep"] = 0
+    saved = model._modules[decoder_name], model._modules[head_name]
+    model._modules[decoder_name] = _Stub(lambda *a, **k: _StubOutputs(hidden))
+    model._modules[head_name] = _Stub(stub_head)
+    try:
+        with torch.no_grad():
+            out = forward(**kwargs)
+    except Exception as exc:  # a forward that needs more than the decoder's hidden states
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        return None, f"its forward could not be measured around lm_head ({type(exc).__name__}: {reason})"
+    finally:
+        model._modules[decoder_name], model._modules[head_name] = saved
+    if len(head_inputs) != 1 or head_inputs[0].shape != hidden.shape:
+        return None, "its forward does not call lm_head once on the final hidden states"
+    hidden_scale = _fit_scale(head_inputs[0], hidden)
+    produced = out["logits"] if isinstance(out, dict) else getattr(out, "logits", None)
+    if hidden_scale is None or not torch.is_tensor(produced) or produced.shape != logits.shape:
+        return None, "its forward transforms the hidden states or the logits in a way fastsft does not recognise"
+    produced = produced.float()
+    scale = _fit_scale(produced, logits)
+    if scale is not None:
+        return HeadTransform(hidden_scale, scale), ""
+    for cap in _softcap_candidates(model.config):
+        # In a softcap's linear region logits ~ scale * x: the smallest logits give the scale.
+        small = logits[0, 0]
+        scale = float((produced[0, 0] * small).sum() / (small * small).sum())
+        if torch.allclose(produced, cap * torch.tanh(scale * logits / cap), rtol=1e-4, atol=1e-5):
+            return HeadTransform(hidden_scale, _round(scale), cap), ""
+    return None, "its forward transforms the logits in a way fastsft does not recognise"
+
+
+def _fit_scale(y: torch.Tensor, x: torch.Tensor) -> float | None:
+    """s with y == s * x (to fp32 rounding), or None."""
+    scale = float((y.double() * x.double()).sum() / (x.double() * x.double()).sum())
+    return _round(scale) if torch.allclose(y.double(), scale * x.double(), rtol=1e-5, atol=1e-6) else None
+
+
+def _round(scale: float) -> float:
+    """A fitted scale with the noise of the fit removed (1.0000001 -> 1.0)."""
+    return float(f"{scale:.6g}")
+
+
+def _softcap_candidates(config) -> list[float]:
+    """Positive numbers among the config's (and its text config's) attributes named *softcap* / *soft_cap*."""
+    configs = [config]
+    if hasattr(config, "get_text_config"):
+        configs.append(config.get_text_config())
+    found = []
+    for cfg in configs:
+        for name, value in vars(cfg).items():
+            if ("softcap" in name or "soft_cap" in name) and isinstance(value, (int, float)) and value > 0:
+                found.append(float(value))
+    return sorted(set(found))
 
 
 def _plain_linear_head(model) -> torch.nn.Module | None:
@@ -65,8 +182,10 @@ def causal_lm_forward(self, *args, **kwargs):
     labels = arguments.get("labels")
     shift_labels = extra.pop("shift_labels", None)
     head = _plain_linear_head(self)
-    if (labels is None and shift_labels is None) or head is None:
+    if labels is None and shift_labels is None:
         return original(*args, **kwargs)
+    if head is None:  # something wraps lm_head now (e.g. LoRA added after patching): the model's own loss
+        return hf_loss_forward(self, *args, **kwargs)
     num_items_in_batch = extra.pop("num_items_in_batch", None)
     return_dict = arguments.get("return_dict", extra.pop("return_dict", None))
     if return_dict is None:
@@ -85,9 +204,16 @@ def causal_lm_forward(self, *args, **kwargs):
         raise ValueError(
             f"labels of shape {tuple(shift_labels.shape)} do not match the tokens {tuple(hidden.shape[:-1])}"
         )
-    cap = final_softcap(state.family, self.config)
+    transform = state.head
+    cap = transform.softcap
     weight, bias = _whole(head.weight, "weight"), _whole(head.bias, "bias")
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    # logit_scale * (W (a h) + bias) = W (a * logit_scale * h) + logit_scale * bias: both scales ride on the rows.
+    row_scale = transform.hidden_scale * transform.logit_scale
+    if row_scale != 1.0:
+        flat_hidden = flat_hidden * row_scale
+    if bias is not None and transform.logit_scale != 1.0:
+        bias = bias * transform.logit_scale
     if weight.dtype != flat_hidden.dtype:  # e.g. an fp32 head under autocast: compute in the head's dtype
         flat_hidden = flat_hidden.to(weight.dtype)
     flat_labels = shift_labels.reshape(-1).to(device=hidden.device)
@@ -115,7 +241,7 @@ def causal_lm_forward(self, *args, **kwargs):
 
     logits = None
     if state.keep_logits:
-        logits = head(hidden)
+        logits = head(hidden * transform.hidden_scale) * transform.logit_scale
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
     from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -124,3 +250,43 @@ def causal_lm_forward(self, *args, **kwargs):
     carried = {k: v for k, v in outputs.items() if k in fields and k not in ("loss", "logits", "last_hidden_state")}
     out = CausalLMOutputWithPast(loss=loss, logits=logits, **carried)
     return out if return_dict else out.to_tuple()
+
+
+def takes_shift_labels(model) -> bool:
+    """Whether the causal LM's own forward computes HF's causal-LM loss through `self.loss_function(...,
+    **kwargs)` (so a `shift_labels` kwarg reaches ForCausalLMLoss, which then ignores `labels`)."""
+    if getattr(getattr(model, "loss_function", None), "__name__", "") != "ForCausalLMLoss":
+        return False
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return False
+    call = re.search(r"self\.loss_function\((.*?)\)\s*$", source, re.S | re.M)
+    return call is not None and "**kwargs" in call.group(1)
+
+
+def hf_loss_forward(self, *args, **kwargs):
+    """Forward of a patched causal LM whose loss is the model's own (fastsft's fused loss is off or not safe for
+    it, e.g. an MoE model adding its router auxiliary loss): the original forward, except that `shift_labels`
+    alone also gets a loss. HF's forwards compute the loss only when `labels` is set; ForCausalLMLoss uses
+    shift_labels when given and ignores labels, so labels is set to shift_labels as the "compute the loss"
+    signal (the router aux loss is then added as HF adds it). A model that would not route shift_labels to
+    its loss is refused rather than trained on unshifted labels; a loss asked for always comes back."""
+    original = original_forward(self)
+    arguments = dict(inspect.signature(original).bind_partial(*args, **kwargs).arguments)
+    extra = dict(arguments.pop("kwargs", {}))
+    labels, shift_labels = arguments.get("labels"), extra.get("shift_labels")
+    if labels is None and shift_labels is not None:
+        if not takes_shift_labels(self):
+            raise UnsupportedModelError(
+                f"{type(self).__name__} computes its loss from `labels` only (its forward does not pass "
+                "shift_labels to HF's causal-LM loss): pass labels (unshifted) instead of shift_labels"
+            )
+        arguments["labels"] = shift_labels
+        out = original(**arguments, **extra)
+    else:
+        out = original(*args, **kwargs)
+    loss = out[0] if isinstance(out, tuple) else getattr(out, "loss", None)
+    if (labels is not None or shift_labels is not None) and loss is None:
+        raise UnsupportedModelError(f"{type(self).__name__} returned no loss for the labels it was given")
+    return out

@@ -23,6 +23,8 @@ with a warning that lists the families. `unpatch` removes every bound forward an
 from __future__ import annotations
 
 import copy
+import inspect
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -49,6 +51,7 @@ class PatchReport:
     patched: dict[str, int] = field(default_factory=dict)
     not_patched: dict[str, str] = field(default_factory=dict)
     attention_implementation: str | None = None  # whose kernels run the patched attention, when it is patched
+    packing: str | None = None  # why packed rows (several documents per row) are refused; None: kept apart
 
     def __str__(self) -> str:
         done = (
@@ -60,6 +63,8 @@ class PatchReport:
         )
         lines = [f"fastsft.patch({self.model_type}, family {self.family}): {done}"]
         lines += [f"  not patched: {name}: {why}" for name, why in self.not_patched.items()]
+        if self.packing:
+            lines.append(f"  packed documents refused: {self.packing}")
         return "\n".join(lines)
 
 
@@ -189,16 +194,60 @@ def _patch(model, family: Family | None, report: PatchReport, undo: Undo, option
         report.patched["attention"] = sum(1 for m in model.modules() if _is_attention(m))
     if enabled["cross_entropy"]:
         head = model.get_output_embeddings()
-        if isinstance(head, nn.Linear):
-            undo.bind(model, loss_patch.causal_lm_forward, _fastsft_loss=loss_patch.LossState(family, keep_logits))
+        transform, why = loss_patch.probe_head(model) if isinstance(head, nn.Linear) else (None, "")
+        if transform is not None:
+            undo.bind(model, loss_patch.causal_lm_forward, _fastsft_loss=loss_patch.LossState(transform, keep_logits))
             report.patched["cross_entropy"] = 1
         else:
-            blocked["cross_entropy"] = f"the output embedding is {type(head).__name__}, not nn.Linear"
+            blocked["cross_entropy"] = why or f"the output embedding is {type(head).__name__}, not nn.Linear"
+    if "cross_entropy" not in report.patched:  # the model's own loss, which also answers shift_labels alone
+        undo.bind(model, loss_patch.hf_loss_forward)
+    report.packing = _packing_refusal(model, decoder, attention_patched="attention" in report.patched)
+    if report.packing and decoder is not None:
+        if "attention" in report.patched:  # decoder_forward is bound: it checks the plan it makes
+            undo.set_state(decoder, _fastsft_packing=report.packing)
+        else:
+            undo.bind(decoder, attention_patch.packing_guard_forward, _fastsft_packing=report.packing)
     for name, on in options.items():
         if not on:
             report.not_patched[name] = "disabled"
         elif name in blocked:
             report.not_patched[name] = blocked[name]
+
+
+# Class-name marks of token mixers other than softmax attention (state-space, linear-attention, recurrent and
+# convolution layers): fastsft has no document-aware kernel for them, so packed documents would leak.
+_TOKEN_MIXERS = re.compile(
+    r"Mamba|Mixer|DeltaNet|ShortConv|Recurrent|Rglru|Lightning|LinearAttention|Rwkv|Lstm|Retention"
+)
+# Functions of transformers.masking_utils that build block-diagonal masks from packed position_ids.
+_PACKING_MASK_BUILDERS = (
+    "create_causal_mask",
+    "create_sliding_window_causal_mask",
+    "create_chunked_causal_mask",
+    "create_masks_for_generate",
+)
+
+
+def _packing_refusal(model, decoder, attention_patched: bool) -> str | None:
+    """Why this model cannot keep packed documents (several per row) apart, or None when it can: a token mixer
+    other than attention in its layers, or attention left unpatched in a decoder that does not build its
+    masks from position_ids. Static rules; the suite's family sweep checks every model type numerically."""
+    mixers = sorted({type(m).__name__ for m in model.modules() if _TOKEN_MIXERS.search(type(m).__name__)})
+    if mixers:
+        return f"its layers mix tokens with {', '.join(mixers)}, which have no document-aware kernel in fastsft"
+    layer_types = sorted({t for t in getattr(model.config, "layer_types", None) or [] if isinstance(t, str)})
+    unknown = [t for t in layer_types if "attention" not in t or "linear" in t]
+    if unknown:
+        return f"config.layer_types has {', '.join(unknown)} layers, which fastsft does not keep documents apart in"
+    if not attention_patched:
+        try:
+            source = inspect.getsource(type(decoder).forward) if decoder is not None else ""
+        except (OSError, TypeError):
+            source = ""
+        if not any(builder in source for builder in _PACKING_MASK_BUILDERS):
+            return "its attention is not fastsft's and its decoder does not build masks from position_ids"
+    return None
 
 
 def _bind_norms(model, undo: Undo) -> int:

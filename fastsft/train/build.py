@@ -16,6 +16,7 @@ import torch
 
 import fastsft
 from fastsft.data import prepare_dataset
+from fastsft.patch import UnsupportedModelError
 
 from .checkpoint import first_line
 from .config import ConfigError, KernelsConfig, TrainConfig
@@ -175,6 +176,12 @@ def build_model(config: TrainConfig, *, device: str | None = None):
     with torch.device("meta") if device == "meta" else nullcontext():
         model = apply_lora(model, config)
     patch(model, config.kernels)
+    refusal = model.fastsft_report.packing
+    if refusal:  # fastsft train packs several documents per row: say so before any data is read
+        raise UnsupportedModelError(
+            f"model.name_or_path={config.model.name_or_path}: fastsft train packs several documents into each row, "
+            f"but {refusal} (see fastsft.patch(model).fastsft_report)"
+        )
     return model, tokenizer
 
 
