@@ -257,6 +257,8 @@ def fastsft_attention(
     (fastsft accelerates training)."""
     if dropout:
         raise UnsupportedModelError("fastsft attention has no dropout; set config.attention_dropout = 0")
+    # gpt-oss's attention sinks: a learned logit per query head in every softmax denominator.
+    sinks = kwargs.pop("s_aux", None)
     unknown = sorted(k for k, v in kwargs.items() if torch.is_tensor(v) and k not in _HARMLESS_KWARGS)
     if unknown:
         raise UnsupportedModelError(
@@ -266,6 +268,11 @@ def fastsft_attention(
     batch, _, seq_len, head_dim = query.shape
     dense = key.shape[2] != seq_len or (attention_mask is not None and attention_mask.dim() != 2)
     if dense or kwargs.get("output_attentions"):
+        if sinks is not None:
+            raise UnsupportedModelError(
+                f"fastsft attention implements attention sinks (s_aux, {type(module).__name__}) for training rows "
+                "only, not for cached generation or output_attentions; unpatch the model to generate"
+            )
         return _dense_attention(query, key, value, attention_mask, scaling, sliding_window, softcap, module)
     plan = kwargs.get(PLAN_KWARG)
     if plan is None:
@@ -289,6 +296,7 @@ def fastsft_attention(
         softmax_scale=scaling,
         window=int(sliding_window) if sliding_window else None,
         softcap=float(softcap) if softcap else None,
+        sinks=sinks,
         implementation=implementation,
     )
     return _scatter(out, plan).view(batch, seq_len, -1, head_dim), None
@@ -376,21 +384,38 @@ def packing_guard_forward(self, *args, **kwargs):
     says why): a row holding several documents (position_ids restarting, cu_seq_lens_q) is refused; one
     document per row (plain or padded batches) runs the model's own forward."""
     original, _, arguments, extra = _bound_call(self, args, kwargs)
-    tokens = arguments.get("input_ids")
-    if tokens is None:
-        tokens = arguments.get("inputs_embeds")
-    if tokens is not None and tokens.dim() >= 2:
-        plan = plan_varlen(
-            tokens.shape[0],
-            tokens.shape[1],
-            tokens.device,
-            attention_mask=arguments.get("attention_mask") if _is_2d(arguments.get("attention_mask")) else None,
-            position_ids=arguments.get("position_ids"),
-            cu_seq_lens_q=extra.get("cu_seq_lens_q"),
-            max_length_q=extra.get("max_length_q"),
-        )
-        refuse_packed_rows(self, plan, tokens.shape[0])
+    refuse_packed_call(self, arguments, extra)
     return original(*args, **kwargs)
+
+
+def refuse_packed_call(decoder, arguments: dict, extra: dict) -> None:
+    """refuse_packed_rows for a forward call's bound arguments (of the decoder, or of the causal LM around it:
+    some causal LMs drop position_ids before their decoder sees them)."""
+    if not decoder.__dict__.get("_fastsft_packing"):
+        return
+    tokens = _given(arguments, extra, "input_ids")
+    if tokens is None:
+        tokens = _given(arguments, extra, "inputs_embeds")
+    if tokens is None or tokens.dim() < 2:
+        return
+    mask = _given(arguments, extra, "attention_mask")
+    plan = plan_varlen(
+        tokens.shape[0],
+        tokens.shape[1],
+        tokens.device,
+        attention_mask=mask if _is_2d(mask) else None,
+        position_ids=_given(arguments, extra, "position_ids"),
+        cu_seq_lens_q=extra.get("cu_seq_lens_q"),
+        max_length_q=extra.get("max_length_q"),
+    )
+    refuse_packed_rows(decoder, plan, tokens.shape[0])
+
+
+def _given(arguments: dict, extra: dict, name: str):
+    """A forward's argument, named in its signature or passed through its **kwargs (a decoder without a
+    position_ids parameter still receives the caller's packed positions there)."""
+    value = arguments.get(name)
+    return value if value is not None else extra.get(name)
 
 
 def _is_2d(mask) -> bool:
@@ -434,7 +459,7 @@ def decoder_forward(self, *args, **kwargs):
         tokens.shape[1],
         tokens.device,
         attention_mask=mask,
-        position_ids=arguments.get("position_ids"),
+        position_ids=_given(arguments, extra, "position_ids"),
         cu_seq_lens_q=extra.get("cu_seq_lens_q"),
         max_length_q=extra.get("max_length_q"),
     )

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from fastsft._constants import IGNORE_INDEX
 from fastsft.ops import fused_linear_cross_entropy
 
+from .attention import refuse_packed_call
 from .binding import original_forward
 from .families import UnsupportedModelError
 
@@ -179,6 +180,7 @@ def causal_lm_forward(self, *args, **kwargs):
     signature = inspect.signature(original)
     arguments = dict(signature.bind_partial(*args, **kwargs).arguments)
     extra = dict(arguments.pop("kwargs", {}))
+    _refuse_packed(self, arguments, extra)
     labels = arguments.get("labels")
     shift_labels = extra.pop("shift_labels", None)
     head = _plain_linear_head(self)
@@ -275,6 +277,7 @@ def hf_loss_forward(self, *args, **kwargs):
     original = original_forward(self)
     arguments = dict(inspect.signature(original).bind_partial(*args, **kwargs).arguments)
     extra = dict(arguments.pop("kwargs", {}))
+    _refuse_packed(self, arguments, extra)
     labels, shift_labels = arguments.get("labels"), extra.get("shift_labels")
     if labels is None and shift_labels is not None:
         if not takes_shift_labels(self):
@@ -290,3 +293,11 @@ def hf_loss_forward(self, *args, **kwargs):
     if (labels is not None or shift_labels is not None) and loss is None:
         raise UnsupportedModelError(f"{type(self).__name__} returned no loss for the labels it was given")
     return out
+
+
+def _refuse_packed(model, arguments: dict, extra: dict) -> None:
+    """Packed documents given to a model that cannot keep them apart are refused here too: a causal LM may drop
+    position_ids before its decoder (whose guard would then see one document per row) receives them."""
+    decoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if isinstance(decoder, torch.nn.Module):
+        refuse_packed_call(decoder, arguments, extra)

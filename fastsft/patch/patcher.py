@@ -245,7 +245,8 @@ def _packing_refusal(model, decoder, attention_patched: bool) -> str | None:
             source = inspect.getsource(type(decoder).forward) if decoder is not None else ""
         except (OSError, TypeError):
             source = ""
-        if not any(builder in source for builder in _PACKING_MASK_BUILDERS):
+        takes_positions = decoder is not None and "position_ids" in inspect.signature(decoder.forward).parameters
+        if not (takes_positions and any(builder in source for builder in _PACKING_MASK_BUILDERS)):
             return "its attention is not fastsft's and its decoder does not build masks from position_ids"
     return None
 
