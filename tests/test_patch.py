@@ -25,6 +25,7 @@ import fastsft
 import fastsft.patch.attention as patch_attention
 import fastsft.patch.loss as patch_loss
 import fastsft.patch.modules as patch_modules
+from fastsft.patch import UnsupportedModelError
 
 VOCAB = 101
 COMMON = dict(
@@ -431,8 +432,9 @@ def test_unknown_attention_arguments_are_refused_not_ignored():
     class Module:
         is_causal = True
 
-    with pytest.raises(NotImplementedError, match=r"s_aux .*attention=False"):
-        patch_attention.fastsft_attention(Module(), q, k, k, None, scaling=0.25, s_aux=torch.zeros(4))
+    # (gpt-oss's s_aux used to be the example; fastsft implements attention sinks now.)
+    with pytest.raises(UnsupportedModelError, match=r"alibi .*attention=False"):
+        patch_attention.fastsft_attention(Module(), q, k, k, None, scaling=0.25, alibi=torch.zeros(4, 5))
 
 
 def test_moe_router_loss_keeps_the_models_own_loss():
