@@ -437,7 +437,7 @@ def test_unknown_attention_arguments_are_refused_not_ignored():
         patch_attention.fastsft_attention(Module(), q, k, k, None, scaling=0.25, alibi=torch.zeros(4, 5))
 
 
-def test_moe_router_loss_keeps_the_models_own_loss():
+def test_moe_router_aux_loss_is_added_to_the_fused_loss_as_hf_adds_it():
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
@@ -449,12 +449,17 @@ def test_moe_router_loss_keeps_the_models_own_loss():
     patched = copy.deepcopy(ref)
     with pytest.warns(UserWarning, match="not one of the supported families"):
         fastsft.patch(patched)
-    assert "router auxiliary loss" in patched.fastsft_report.not_patched["cross_entropy"]
+    assert patched.fastsft_report.patched["cross_entropy"] == 1  # fused, the router aux loss added to it
     ids, position_ids, labels = packed_batch()
     out_ref = ref(input_ids=ids, position_ids=position_ids, labels=labels, use_cache=False)
     out = patched(input_ids=ids, position_ids=position_ids, labels=labels, use_cache=False)
+    assert out.logits is None and out_ref.aux_loss.item() > 0
+    torch.testing.assert_close(out.aux_loss, out_ref.aux_loss, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-5, atol=1e-6)
-    assert out.aux_loss is not None
+    out.loss.backward()
+    out_ref.loss.backward()
+    for (name, a), (_, b) in zip(ref.named_parameters(), patched.named_parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)  # the routers' gradients too
 
 
 def test_composite_configs_are_not_patched_generically():

@@ -46,6 +46,39 @@ class HeadTransform:
 class LossState:
     head: HeadTransform
     keep_logits: bool
+    router_aux_loss: object = None  # the model's load_balancing_loss_func when it adds a router aux loss (MoE)
+
+
+# An MoE causal LM's forward adding its router auxiliary loss the standard HF way (28 families in transformers
+# 5.25: Mixtral, Qwen2/3-MoE, OLMoE, GraniteMoE, GLM-4-MoE, PhiMoE, gpt-oss, ...):
+#     aux_loss = load_balancing_loss_func(outputs.router_logits, self.num_experts, self.num_experts_per_tok,
+#                                         attention_mask)
+#     ... loss += self.router_aux_loss_coef * aux_loss
+_STANDARD_AUX_LOSS = re.compile(
+    r"load_balancing_loss_func\(\s*outputs\.router_logits,\s*self\.num_experts,\s*self\.num_experts_per_tok,"
+    r"\s*attention_mask,?\s*\)"
+)
+
+
+def router_aux_loss(model, config=None) -> tuple[object, str]:
+    """(load_balancing_loss_func, "") when the model adds its router aux loss the standard way (so the fused
+    loss can add it exactly as HF does), (None, why) when it adds one some other way, (None, "") when it
+    adds none. `config`: the model's (default model.config)."""
+    config = model.config if config is None else config
+    if not (hasattr(config, "router_aux_loss_coef") or hasattr(config, "output_router_logits")):
+        return None, ""
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        source = ""
+    function = getattr(inspect.getmodule(type(model)), "load_balancing_loss_func", None)
+    standard = _STANDARD_AUX_LOSS.search(source) and "self.router_aux_loss_coef * aux_loss" in source
+    attributes = all(hasattr(model, name) for name in ("num_experts", "num_experts_per_tok", "router_aux_loss_coef"))
+    if standard and attributes and callable(function):
+        return function, ""
+    if "aux_loss" not in source:
+        return None, ""
+    return None, "the model adds a router auxiliary loss (MoE) in its own forward, not the standard HF way"
 
 
 class _StubOutputs(dict):
@@ -196,6 +229,11 @@ def causal_lm_forward(self, *args, **kwargs):
         arguments.pop(name, None)
     if arguments.get("use_cache") is None and "use_cache" in signature.parameters:
         arguments["use_cache"] = False  # a loss forward needs no cache (and HF packs only without one)
+    router = state.router_aux_loss is not None and "output_router_logits" in signature.parameters
+    if router:  # resolved as HF's forward does, and asked of the decoder explicitly
+        if arguments.get("output_router_logits") is None:
+            arguments["output_router_logits"] = bool(getattr(self.config, "output_router_logits", False))
+        router = arguments["output_router_logits"]
     decoder = getattr(self, self.base_model_prefix)
     outputs = decoder(**arguments, **extra, return_dict=True)
     hidden = outputs[0]
@@ -246,11 +284,22 @@ def causal_lm_forward(self, *args, **kwargs):
         logits = head(hidden * transform.hidden_scale) * transform.logit_scale
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
-    from transformers.modeling_outputs import CausalLMOutputWithPast
+    from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
-    fields = CausalLMOutputWithPast.__dataclass_fields__
+    output_class, aux_loss = CausalLMOutputWithPast, None
+    if router:
+        # Exactly HF's: the model's own function over the decoder's router logits (every real token of a
+        # packed row: attention_mask is None there, as it is in HF's own packed forward), times the coefficient.
+        aux_loss = state.router_aux_loss(
+            outputs.router_logits, self.num_experts, self.num_experts_per_tok, arguments.get("attention_mask")
+        )
+        loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
+        output_class = MoeCausalLMOutputWithPast
+    fields = output_class.__dataclass_fields__
     carried = {k: v for k, v in outputs.items() if k in fields and k not in ("loss", "logits", "last_hidden_state")}
-    out = CausalLMOutputWithPast(loss=loss, logits=logits, **carried)
+    if aux_loss is not None:
+        carried["aux_loss"] = aux_loss
+    out = output_class(loss=loss, logits=logits, **carried)
     return out if return_dict else out.to_tuple()
 
 

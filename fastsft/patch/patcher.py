@@ -150,8 +150,9 @@ def _generic_blockers(model, config) -> dict[str, str]:
     if getattr(config, "sub_configs", None):
         why = "composite (e.g. multimodal) config; load the text-only model class (e.g. Gemma3ForCausalLM)"
         blockers = {"attention": why, "cross_entropy": why}
-    if hasattr(config, "router_aux_loss_coef") or hasattr(config, "output_router_logits"):
-        blockers["cross_entropy"] = "the model adds a router auxiliary loss (MoE) in its own forward"
+    _, why = loss_patch.router_aux_loss(model, config)
+    if why:
+        blockers["cross_entropy"] = why
     if not getattr(model, "_supports_attention_backend", False):
         blockers.setdefault("attention", "the model does not dispatch attention through AttentionInterface")
     return blockers
@@ -195,8 +196,12 @@ def _patch(model, family: Family | None, report: PatchReport, undo: Undo, option
     if enabled["cross_entropy"]:
         head = model.get_output_embeddings()
         transform, why = loss_patch.probe_head(model) if isinstance(head, nn.Linear) else (None, "")
+        aux, why_aux = loss_patch.router_aux_loss(model)
+        if transform is not None and why_aux:
+            transform, why = None, why_aux
         if transform is not None:
-            undo.bind(model, loss_patch.causal_lm_forward, _fastsft_loss=loss_patch.LossState(transform, keep_logits))
+            state = loss_patch.LossState(transform, keep_logits, aux)
+            undo.bind(model, loss_patch.causal_lm_forward, _fastsft_loss=state)
             report.patched["cross_entropy"] = 1
         else:
             blocked["cross_entropy"] = why or f"the output embedding is {type(head).__name__}, not nn.Linear"
