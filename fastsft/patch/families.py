@@ -40,6 +40,14 @@ FAMILIES: dict[str, Family] = {
     "qwen3": Family(window="module", qk_norm=True),
     "gemma2": Family(window="module", attention_softcap=True),
     "gemma3_text": Family(window="module", qk_norm=True),
+    # Llama-like attention and MLP (biases, multipliers and scalings are the modules' own, measured).
+    "granite": Family(),
+    "seed_oss": Family(),
+    "starcoder2": Family(window="config"),  # LayerNorm and a plain MLP: rope and attention only
+    # MoE: attention, norms and the shared experts' gated MLPs; the routed experts stay HF's for now.
+    "mixtral": Family(window="config"),
+    "qwen2_moe": Family(window="module"),
+    "qwen3_moe": Family(window="module", qk_norm=True),
 }
 
 
