@@ -315,6 +315,14 @@ def _dense_attention(query, key, value, attention_mask, scaling, window, softcap
         scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None and attention_mask.dim() == 4:
         allowed = attention_mask[..., :kv_len]
+        if allowed.dtype != torch.bool and bool(
+            ((allowed != 0) & (allowed > torch.finfo(allowed.dtype).min / 2)).any()
+        ):
+            # An additive mask carrying values (e.g. Doge's dynamic mask), not just attend / do not attend.
+            raise UnsupportedModelError(
+                f"{type(module).__name__} passes an additive attention mask with values other than 0 and -inf; "
+                "fastsft attention keeps only which keys are allowed. Patch with attention=False"
+            )
         allowed = allowed.to(torch.bool) if allowed.dtype == torch.bool else allowed == 0  # additive masks: 0 = attend
     else:
         q_pos = torch.arange(kv_len - seq_len, kv_len, device=query.device)[:, None]

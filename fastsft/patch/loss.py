@@ -112,7 +112,13 @@ def probe_head(model) -> tuple[HeadTransform | None, str]:
     hidden states before lm_head, a scale of the logits, a softcap. (None, why) for anything else: then
     fastsft's fused loss is not used, the model's own loss runs."""
     head = model.get_output_embeddings()
+    extra = sorted(n for n, _ in head.named_parameters() if n not in ("weight", "bias"))
     decoder_name = getattr(model, "base_model_prefix", "")
+    outside = sorted(n for n, _ in model.named_parameters() if not n.startswith((decoder_name + ".", "lm_head.")))
+    outside = [n for n in outside if not any(n.startswith(f"{c}.") for c, m in model.named_children() if m is head)]
+    if extra or outside:  # a learned scale or such: the fused loss would train it as a constant
+        names = ", ".join([f"lm_head.{n}" for n in extra] + outside)
+        return None, f"the head has parameters of its own besides lm_head's weight and bias ({names})"
     head_name = next((name for name, child in model.named_children() if child is head), None)
     if not isinstance(getattr(model, decoder_name, None), torch.nn.Module) or head_name is None:
         return None, "no base decoder / lm_head child module to probe the head with"

@@ -224,6 +224,9 @@ def _patch(model, family: Family | None, report: PatchReport, undo: Undo, option
 # convolution layers): fastsft has no document-aware kernel for them, so packed documents would leak.
 _TOKEN_MIXERS = re.compile(
     r"Mamba|Mixer|DeltaNet|ShortConv|Recurrent|Rglru|Lightning|LinearAttention|Rwkv|Lstm|Retention"
+    # Sparse attention choosing its keys with an indexer (DeepSeek-V3.2's DSA, ...) needs an explicit mask;
+    # cross-attention and byte patchers (BLT) mix the row's tokens outside self-attention.
+    r"|Indexer|CrossAttention|Patcher"
 )
 # Functions of transformers.masking_utils that build block-diagonal masks from packed position_ids.
 _PACKING_MASK_BUILDERS = (
@@ -245,15 +248,26 @@ def _packing_refusal(model, decoder, attention_patched: bool) -> str | None:
     unknown = [t for t in layer_types if "attention" not in t or "linear" in t]
     if unknown:
         return f"config.layer_types has {', '.join(unknown)} layers, which fastsft does not keep documents apart in"
+    module_source = _source(inspect.getmodule(type(model)))
+    if "create_position_ids_from_input_ids" in module_source:
+        return "its positions start after the padding index (RoBERTa-style), not at 0 as packed position_ids do"
     if not attention_patched:
-        try:
-            source = inspect.getsource(type(decoder).forward) if decoder is not None else ""
-        except (OSError, TypeError):
-            source = ""
+        source = _source(type(decoder).forward) if decoder is not None else ""
         takes_positions = decoder is not None and "position_ids" in inspect.signature(decoder.forward).parameters
-        if not (takes_positions and any(builder in source for builder in _PACKING_MASK_BUILDERS)):
+        builds = any(builder in source for builder in _PACKING_MASK_BUILDERS)
+        # ... and hands the mask builder the position_ids (a `create_causal_mask(...)` or `mask_function(...)`
+        # call with position_ids among its arguments): without them HF cannot see the documents.
+        passes = re.search(r"mask\w*\((?:[^()]|\([^()]*\))*\bposition_ids\b", source) is not None
+        if not (takes_positions and builds and passes):
             return "its attention is not fastsft's and its decoder does not build masks from position_ids"
     return None
+
+
+def _source(obj) -> str:
+    try:
+        return inspect.getsource(obj) if obj is not None else ""
+    except (OSError, TypeError):
+        return ""
 
 
 def _bind_norms(model, undo: Undo) -> int:
