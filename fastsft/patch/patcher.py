@@ -241,7 +241,15 @@ def _packing_refusal(model, decoder, attention_patched: bool) -> str | None:
     """Why this model cannot keep packed documents (several per row) apart, or None when it can: a token mixer
     other than attention in its layers, or attention left unpatched in a decoder that does not build its
     masks from position_ids. Static rules; the suite's family sweep checks every model type numerically."""
-    mixers = sorted({type(m).__name__ for m in model.modules() if _TOKEN_MIXERS.search(type(m).__name__)})
+    # The layers' own modules: the model, decoder, block and norm classes carry the family's name too (Mamba...).
+    wrappers = ("Model", "ForCausalLM", "Block", "DecoderLayer", "Norm", "RMSNorm")
+    mixers = sorted(
+        {
+            type(m).__name__
+            for m in model.modules()
+            if _TOKEN_MIXERS.search(type(m).__name__) and not type(m).__name__.endswith(wrappers)
+        }
+    )
     if mixers:
         return f"its layers mix tokens with {', '.join(mixers)}, which have no document-aware kernel in fastsft"
     layer_types = sorted({t for t in getattr(model.config, "layer_types", None) or [] if isinstance(t, str)})
