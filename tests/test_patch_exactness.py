@@ -214,3 +214,24 @@ def test_fastsft_train_refuses_such_a_model_before_reading_data(tmp_path, capsys
     assert code == 2 and len(err) == 1 and err[0].startswith("fastsft train: "), err
     assert "packs several documents into each row" in err[0] and "GatedDeltaNet" in err[0]
     assert not (tmp_path / "cache").exists()  # refused before the data was tokenized
+
+
+# --------------------------------------------------------------------------------------------------
+# gpt-oss: its attention sinks in cached generation too
+# --------------------------------------------------------------------------------------------------
+
+
+def _gpt_oss():
+    return _model("gpt_oss", num_local_experts=4, num_experts_per_tok=2, head_dim=8, sliding_window=4)
+
+
+def test_gpt_oss_patched_generates_what_it_generates_unpatched():
+    """Cached generation runs fastsft's plain PyTorch attention path, sinks included."""
+    reference = _gpt_oss().eval()
+    with torch.no_grad():
+        for layer in reference.model.layers:
+            layer.self_attn.sinks.normal_(0.0, 2.0)
+    patched = fastsft.patch(copy.deepcopy(reference))
+    ids = torch.randint(3, 90, (1, 6), generator=torch.Generator().manual_seed(3))
+    settings = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    torch.testing.assert_close(patched.generate(ids, **settings), reference.generate(ids, **settings))

@@ -268,12 +268,7 @@ def fastsft_attention(
     batch, _, seq_len, head_dim = query.shape
     dense = key.shape[2] != seq_len or (attention_mask is not None and attention_mask.dim() != 2)
     if dense or kwargs.get("output_attentions"):
-        if sinks is not None:
-            raise UnsupportedModelError(
-                f"fastsft attention implements attention sinks (s_aux, {type(module).__name__}) for training rows "
-                "only, not for cached generation or output_attentions; unpatch the model to generate"
-            )
-        return _dense_attention(query, key, value, attention_mask, scaling, sliding_window, softcap, module)
+        return _dense_attention(query, key, value, attention_mask, scaling, sliding_window, softcap, module, sinks)
     plan = kwargs.get(PLAN_KWARG)
     if plan is None:
         plan = plan_varlen(
@@ -302,7 +297,7 @@ def fastsft_attention(
     return _scatter(out, plan).view(batch, seq_len, -1, head_dim), None
 
 
-def _dense_attention(query, key, value, attention_mask, scaling, window, softcap, module):
+def _dense_attention(query, key, value, attention_mask, scaling, window, softcap, module, sinks=None):
     """Plain attention for the cases varlen rows do not cover. attention_mask: a 4-D boolean mask (True =
     attend) from the "fastsft" mask function when a cache is in use; else queries are the last S positions of
     S_kv keys, with an optional 2-D padding mask."""
@@ -335,7 +330,11 @@ def _dense_attention(query, key, value, attention_mask, scaling, window, softcap
         if attention_mask is not None:
             allowed = allowed & attention_mask[:, None, None, -kv_len:].to(torch.bool)
     scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    if sinks is not None:  # one more softmax column per head with no value: its share of the mass is dropped
+        sink = sinks.float().reshape(1, -1, 1, 1).expand(batch, num_heads, seq_len, 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     out = torch.matmul(probs.to(value.dtype), value).transpose(1, 2).contiguous()
     return out, probs.to(query.dtype)
 
