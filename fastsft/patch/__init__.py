@@ -28,9 +28,10 @@ def patch(model, *, rms_norm=True, rope=True, swiglu=True, attention=True, cross
     hidden states with fused linear cross-entropy; `logits` is then None when labels are passed, unless
     keep_logits=True). `model.fastsft_report` says what was swapped and what was not, and why.
 
-    Families in fastsft's table, `fastsft.patch.families.FAMILIES` (llama, mistral, qwen2/3, gemma2/3, granite,
-    seed_oss, starcoder2, mixtral, qwen2/3-moe). Other decoder-only causal LMs get attention and the loss,
-    with a warning; a model fastsft cannot run exactly raises UnsupportedModelError. Undo with `fastsft.unpatch(model)`.
+    Families in fastsft's table, `fastsft.patch.families.FAMILIES` (llama, mistral, ministral, qwen2/3,
+    gemma2/3, granite, seed_oss, arcee, starcoder2, mixtral, qwen2/3-moe, glm4_moe, phimoe).
+    Other decoder-only causal LMs get attention and the loss, with a warning; a model fastsft cannot run
+    exactly raises UnsupportedModelError. Undo with `fastsft.unpatch(model)`.
     """
     from .patcher import patch_model
 

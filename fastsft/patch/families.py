@@ -43,11 +43,15 @@ FAMILIES: dict[str, Family] = {
     # Llama-like attention and MLP (biases, multipliers and scalings are the modules' own, measured).
     "granite": Family(),
     "seed_oss": Family(),
+    "arcee": Family(),  # a plain (ReLU^2) MLP: norms, rope and attention
+    "ministral": Family(window="module"),
     "starcoder2": Family(window="config"),  # LayerNorm and a plain MLP: rope and attention only
     # MoE: attention, norms and the shared experts' gated MLPs; the routed experts stay HF's for now.
     "mixtral": Family(window="config"),
     "qwen2_moe": Family(window="module"),
     "qwen3_moe": Family(window="module", qk_norm=True),
+    "glm4_moe": Family(),
+    "phimoe": Family(window="config"),  # LayerNorm: rope and attention
 }
 
 
