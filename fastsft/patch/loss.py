@@ -12,6 +12,7 @@ by it, so accumulation stays exact. Without labels the model's own forward runs 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from dataclasses import dataclass
@@ -314,8 +315,14 @@ def takes_shift_labels(model) -> bool:
     **kwargs)` (so a `shift_labels` kwarg reaches ForCausalLMLoss, which then ignores `labels`)."""
     if getattr(getattr(model, "loss_function", None), "__name__", "") != "ForCausalLMLoss":
         return False
+    return _forward_passes_kwargs_to_loss(type(model))
+
+
+@functools.cache
+def _forward_passes_kwargs_to_loss(model_class) -> bool:
+    """Read once per class: a training step may ask on every call."""
     try:
-        source = inspect.getsource(type(model).forward)
+        source = inspect.getsource(model_class.forward)
     except (OSError, TypeError):
         return False
     call = re.search(r"self\.loss_function\((.*?)\)\s*$", source, re.S | re.M)
