@@ -228,6 +228,10 @@ PER_TYPE: dict[str, dict] = {
         "ple_embed_dim": 16,
     },
     "zaya": {"num_experts_per_tok": 1},
+    # options of family-table entries that their defaults leave off, on so the sweep checks fastsft's handling
+    "phi3": {"partial_rotary_factor": 0.75},  # Phi-4-mini's partial rotary
+    "cohere": {"use_qk_norm": True},  # Command-R+'s per-head q/k LayerNorms
+    "olmoe": {"clip_qkv": 1.0},
     # the defaults cannot build a model (real checkpoints' configs carry what is missing)
     "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
     "dbrx": {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "attn_pdrop": 0.0, "clip_qkv": 8.0}},

@@ -303,14 +303,14 @@ def test_rope_or_attention_alone_still_match(option):
 
 
 def test_unsupported_family_warns_and_patches_attention_and_loss():
-    from transformers import Phi3Config, Phi3ForCausalLM
+    from transformers import HeliumConfig, HeliumForCausalLM
 
     torch.manual_seed(0)
-    config = Phi3Config(**COMMON, pad_token_id=0)
+    config = HeliumConfig(**COMMON, head_dim=16, pad_token_id=0)
     config._attn_implementation = "eager"
-    ref = Phi3ForCausalLM(config)
+    ref = HeliumForCausalLM(config)
     patched = copy.deepcopy(ref)
-    with pytest.warns(UserWarning, match=r"'phi3' is not one of the supported families \(llama, mistral"):
+    with pytest.warns(UserWarning, match=r"'helium' is not one of the supported families \(llama, mistral"):
         fastsft.patch(patched)
     report = patched.fastsft_report
     assert report.family == "generic" and set(report.patched) == {"attention", "cross_entropy"}

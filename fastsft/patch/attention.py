@@ -24,14 +24,15 @@ import functools
 import inspect
 import sys
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from fastsft.ops import apply_rope, varlen_attention
+from fastsft.ops.reference import rope_rotate
 
 from .binding import original_forward
-from .families import UnsupportedModelError, attention_softcap, sliding_window
+from .families import UnsupportedModelError, applies_rope, attention_softcap, has_qk_norm, sliding_window
 
 ATTENTION_NAME = "fastsft"
 PLAN_KWARG = "fastsft_varlen_plan"
@@ -117,20 +118,152 @@ def _scatter(out: torch.Tensor, plan: VarlenPlan) -> torch.Tensor:
     return full.index_copy(0, plan.keep, out)
 
 
+@dataclass(frozen=True)
+class RopeLayout:
+    """How a model's own apply_rotary_pos_emb reads its (cos, sin) table of width W, in the terms of
+    fastsft.ops.apply_rope (HF's rotate_half rotation of the first R dims of each head, cos/sin [T, R]).
+
+    table: "as_is" (R = W: Llama; partial rotary when W < D: Phi-4-mini), "doubled" (a half-width table
+        whose angle i turns dims (i, i + W): gpt-oss; R = 2W), "first_half" (angle i = table[..., i], i < W/2,
+        turning dims (2i, 2i + 1): GLM), "pairs" (entries 2i and 2i + 1 of the table serve dims 2i and 2i + 1:
+        Cohere; fastsft reads the table permuted like q and k).
+    interleaved: dims (2i, 2i + 1) rotate together. fastsft then permutes the first W dims of q and k alike
+        (evens, then odds), which turns the rotation into the rotate_half one and leaves every q . k product,
+        and so the attention, unchanged (v is not permuted).
+    """
+
+    table: str
+    interleaved: bool
+
+    def rotary_dim(self, width: int) -> int:
+        return 2 * width if self.table == "doubled" else width
+
+    def convert(self, table: torch.Tensor) -> torch.Tensor:
+        """The model's cos or sin table [..., W] -> fastsft's [..., R]."""
+        if self.table == "doubled":
+            return torch.cat((table, table), dim=-1)
+        if self.table == "first_half":
+            half = table[..., : table.shape[-1] // 2]
+            return torch.cat((half, half), dim=-1)
+        if self.table == "pairs":
+            return torch.cat((table[..., 0::2], table[..., 1::2]), dim=-1)
+        return table
+
+    def permutation(self, width: int, head_dim: int, device) -> torch.Tensor | None:
+        if not self.interleaved:
+            return None
+        return torch.cat(
+            (
+                torch.arange(0, width, 2, device=device),
+                torch.arange(1, width, 2, device=device),
+                torch.arange(width, head_dim, device=device),
+            )
+        )
+
+
+_ROPE_LAYOUTS = (
+    RopeLayout("as_is", False),
+    RopeLayout("doubled", False),
+    RopeLayout("first_half", True),
+    RopeLayout("pairs", True),
+)
+
+
+def probe_rope_layout(apply_rotary_pos_emb, width: int, head_dim: int) -> RopeLayout | None:
+    """The RopeLayout under which fastsft's rotation equals `apply_rotary_pos_emb(q, k, cos, sin)` (a model's
+    own function, q/k [B, H, S, D], cos/sin [B, S, W]) on random q, k and random tables (so no two layouts
+    agree by accident: a wrong one is off by O(1), hence the loose fp32 tolerance, which also admits models
+    that compute their rotation in fp32 whatever the input dtype); None when no layout matches (the model's
+    rotation is then left to its own function)."""
+    generator = torch.Generator().manual_seed(0)
+    random = lambda *shape: torch.randn(*shape, generator=generator, dtype=torch.float32)
+    q, k = random(1, 2, 5, head_dim), random(1, 1, 5, head_dim)
+    cos, sin = random(1, 5, width), random(1, 5, width)
+    try:
+        with torch.no_grad():
+            expected_q, expected_k = apply_rotary_pos_emb(q, k, cos, sin)
+    except Exception:  # noqa: BLE001 - a function that cannot take these shapes is not one fastsft can mirror
+        return None
+    for layout in _ROPE_LAYOUTS:
+        rotary_dim = layout.rotary_dim(width)
+        if rotary_dim > head_dim or rotary_dim % 2:
+            continue
+        perm = layout.permutation(width, head_dim, q.device)
+        c, s = layout.convert(cos), layout.convert(sin)
+        matches = True
+        for x, expected in ((q, expected_q), (k, expected_k)):
+            x, expected = x.transpose(1, 2), expected.transpose(1, 2).float()  # [B, S, H, D]
+            if perm is not None:
+                x, expected = x[..., perm], expected[..., perm]
+            ours = rope_rotate(x, c, s)
+            matches = matches and ours.shape == expected.shape and torch.allclose(ours, expected, rtol=1e-4, atol=1e-4)
+        if matches:
+            return layout
+    return None
+
+
 @dataclass
 class AttentionState:
-    """A patched attention module's settings: its family's facts, which parts run fastsft's kernels and whose
-    kernels run the varlen attention (`implementation`, see fastsft.ops.varlen_attention)."""
+    """A patched attention module's settings: its family's facts, which parts run fastsft's kernels, whose
+    kernels run the varlen attention (`implementation`, see fastsft.ops.varlen_attention) and the rope layouts
+    measured so far (one dict shared by the model's modules: table width -> RopeLayout or None)."""
 
     family: object
     rope: bool
     attention: bool
     implementation: str = "fastsft"
+    rope_layouts: dict = field(default_factory=dict)
 
 
 def _modeling(module):
     """The module's own modeling file (its apply_rotary_pos_emb and eager_attention_forward)."""
     return sys.modules[type(module).__module__]
+
+
+def _project(self, family, hidden_states: torch.Tensor, rows: int):
+    """q [rows, Hq, D], k and v [rows, Hk, D] as the family's forward computes them before RoPE: separate or
+    fused (qkv_proj: q, k, v side by side) projections, q/k norms (over the whole projection or per head,
+    from the norm weight's width), clipping."""
+    head_dim = self.head_dim
+    if isinstance(getattr(self, "qkv_proj", None), torch.nn.Module):
+        qkv = self.qkv_proj(hidden_states)
+        q_width = self.config.num_attention_heads * head_dim
+        kv_width = (qkv.shape[-1] - q_width) // 2
+        q, k, v = qkv.split((q_width, kv_width, kv_width), dim=-1)
+    else:
+        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+    norms = has_qk_norm(family, self)
+    per_head = norms and self.q_norm.weight.shape[-1] == head_dim
+    if norms and not per_head:  # OLMo-2: one norm over all heads' dims
+        q, k = self.q_norm(q), self.k_norm(k)
+    q, k, v = (t.reshape(rows, -1, head_dim) for t in (q, k, v))
+    if per_head:
+        q, k = self.q_norm(q), self.k_norm(k)
+    clip = getattr(self.config, "clip_qkv", None) if family.clip_qkv else None
+    if clip is not None:
+        q, k, v = (t.clamp(-clip, clip) for t in (q, k, v))
+    return q, k, v
+
+
+def _rotate(self, state: AttentionState, q, k, cos, sin, batch: int, seq_len: int):
+    """RoPE of q, k [rows, H, D] with the model's cos/sin [B or 1, S, W], by fastsft's kernel when the model's
+    rotation is one of the RopeLayouts (measured once per table width), else by the model's own function."""
+    rows, head_dim = q.shape[0], q.shape[-1]
+    width = cos.shape[-1]
+    layout = state.rope_layouts.get(width, ...) if state.rope else None
+    if layout is ...:
+        layout = state.rope_layouts[width] = probe_rope_layout(_modeling(self).apply_rotary_pos_emb, width, head_dim)
+    if layout is None:
+        as_bhsd = lambda t: t.view(batch, seq_len, -1, head_dim).transpose(1, 2)
+        q, k = _modeling(self).apply_rotary_pos_emb(as_bhsd(q), as_bhsd(k), cos, sin)
+        return q.transpose(1, 2).reshape(rows, -1, head_dim), k.transpose(1, 2).reshape(rows, -1, head_dim)
+    perm = layout.permutation(width, head_dim, q.device)
+    if perm is not None:
+        q, k = q.index_select(-1, perm), k.index_select(-1, perm)
+    # cos/sin are [B or 1, S, W]: one row per token after broadcasting over the batch.
+    cos = layout.convert(cos).expand(batch, seq_len, -1).reshape(rows, -1)
+    sin = layout.convert(sin).expand(batch, seq_len, -1).reshape(rows, -1)
+    return apply_rope(q, k, cos, sin)
 
 
 def attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
@@ -140,29 +273,17 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
     output_attentions, a 4-D mask), goes to the module's original forward, which then calls the "fastsft"
     attention interface (that handles those cases with a plain PyTorch path)."""
     state = self._fastsft
+    family = state.family
     plan = kwargs.get(PLAN_KWARG)
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is not None or position_embeddings is None or (state.attention and plan is None):
         return original_forward(self)(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
 
     batch, seq_len = hidden_states.shape[:2]
-    rows = batch * seq_len
-    head_dim = self.head_dim
-    q = self.q_proj(hidden_states).view(rows, -1, head_dim)
-    k = self.k_proj(hidden_states).view(rows, -1, head_dim)
-    v = self.v_proj(hidden_states).view(rows, -1, head_dim)
-    if state.family.qk_norm:
-        q, k = self.q_norm(q), self.k_norm(k)
-    cos, sin = position_embeddings
-    if state.rope:
-        # cos/sin are [B or 1, S, D]: one row per token after broadcasting over the batch.
-        cos = cos.expand(batch, seq_len, -1).reshape(rows, -1)
-        sin = sin.expand(batch, seq_len, -1).reshape(rows, -1)
-        q, k = apply_rope(q, k, cos, sin)
-    else:
-        as_bhsd = lambda t: t.view(batch, seq_len, -1, head_dim).transpose(1, 2)
-        q, k = _modeling(self).apply_rotary_pos_emb(as_bhsd(q), as_bhsd(k), cos, sin)
-        q, k = q.transpose(1, 2).reshape(rows, -1, head_dim), k.transpose(1, 2).reshape(rows, -1, head_dim)
+    q, k, v = _project(self, family, hidden_states, batch * seq_len)
+    if applies_rope(family, self):
+        cos, sin = position_embeddings
+        q, k = _rotate(self, state, q, k, cos, sin, batch, seq_len)
 
     if not state.attention:  # rope (and q/k norms) patched, attention left to the model's own implementation
         return _hf_attention(self, state, q, k, v, batch, seq_len, attention_mask, kwargs)
@@ -174,8 +295,9 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
         plan.max_seqlen,
         causal=bool(getattr(self, "is_causal", True)),
         softmax_scale=self.scaling,
-        window=sliding_window(state.family, self),
-        softcap=attention_softcap(state.family, self),
+        window=sliding_window(family, self),
+        softcap=attention_softcap(family, self),
+        sinks=self.sinks if family.sinks else None,
         implementation=state.implementation,
     )
     out = _scatter(out, plan).reshape(batch, seq_len, -1)
@@ -192,6 +314,8 @@ def _hf_attention(self, state, q, k, v, batch, seq_len, attention_mask, kwargs):
     options = {"sliding_window": sliding_window(state.family, self)} if state.family.window else {}
     if state.family.attention_softcap:
         options["softcap"] = attention_softcap(state.family, self)
+    if state.family.sinks:
+        options["s_aux"] = self.sinks
     kwargs = {k: v for k, v in kwargs.items() if k != PLAN_KWARG}
     out, _ = interface(
         self,

@@ -166,12 +166,12 @@ def _probe_offset(module: nn.Module, weight: torch.Tensor, eps: float) -> float:
     )
 
 
-def _probe_activation(mlp: nn.Module) -> str:
-    """The HF activation name matching what mlp.act_fn computes (silu or the tanh GELU)."""
-    act_fn = getattr(mlp, "act_fn", None)
+def _probe_activation(mlp: nn.Module, attribute: str = "act_fn", projection: str = "gate_proj") -> str:
+    """The HF activation name matching what mlp.<attribute> computes (silu or the tanh GELU)."""
+    act_fn = getattr(mlp, attribute, None)
     if not callable(act_fn):
-        raise TypeError(f"GatedMLP.from_hf: {type(mlp).__name__} has no act_fn; pass activation=")
-    device = mlp.gate_proj.weight.device
+        raise TypeError(f"GatedMLP.from_hf: {type(mlp).__name__} has no {attribute}; pass activation=")
+    device = getattr(mlp, projection).weight.device
     if device.type == "meta":  # act_fn holds no state: probe it on the CPU
         device = torch.device("cpu")
     with torch.no_grad():
@@ -270,3 +270,43 @@ def gated_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     """forward of a patched HF gated MLP: the activation fused with the product (its projections, LoRA
     adapters included, are the module's own)."""
     return self.down_proj(_GATED_OPS[self._fastsft_activation](self.gate_proj(x), self.up_proj(x)))
+
+
+def is_fused_gated_mlp(module: nn.Module) -> bool:
+    """An MLP with one fused gate_up_proj (gate and up side by side), a down_proj and an activation_fn (Phi-3,
+    GLM-4)."""
+    return (
+        isinstance(module._modules.get("gate_up_proj"), nn.Module)
+        and isinstance(module._modules.get("down_proj"), nn.Module)
+        and callable(getattr(module, "activation_fn", None))
+    )
+
+
+def probe_fused_mlp(mlp: nn.Module) -> str:
+    """The gated op ("silu" or "gelu_tanh") of a fused gate_up_proj MLP computing
+    down_proj(act(gate) * up) with gate, up = gate_up_proj(x).chunk(2, -1); TypeError when the module's own
+    forward (run once on a random input, unless its weights are on the meta device) computes anything else,
+    e.g. the halves the other way round."""
+    activation = _gated_activation(_probe_activation(mlp, "activation_fn", "gate_up_proj"))
+    weight = mlp.gate_up_proj.weight
+    if weight.device.type != "meta":
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(3, weight.shape[1], generator=generator).to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            expected = type(mlp).forward(mlp, x).float()
+            gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
+            ours = mlp.down_proj(_GATED_OPS[activation](gate, up)).float()
+        # Relative to the output's size, loose enough for bf16 weights; a wrong form is off by O(1).
+        scale = expected.abs().max().clamp_min(1e-6)
+        if not torch.allclose(ours / scale, expected / scale, rtol=0.0, atol=2e-2):
+            raise TypeError(
+                f"{type(mlp).__name__} does not compute down_proj(act(gate) * up) from gate_up_proj's two halves"
+            )
+    return activation
+
+
+def fused_gated_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """forward of a patched fused-gate_up MLP: the activation fused with the product, read from the two halves of
+    gate_up_proj's output in place (no copy)."""
+    gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+    return self.down_proj(_GATED_OPS[self._fastsft_activation](gate, up))

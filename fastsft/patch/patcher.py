@@ -36,7 +36,7 @@ from . import attention as attention_patch
 from . import loss as loss_patch
 from . import modules as module_patch
 from .binding import Undo
-from .families import FAMILIES, Family, attention_softcap, family_of
+from .families import FAMILIES, Family, attention_softcap, family_of, has_qk_norm
 
 STATE_ATTRIBUTE = "_fastsft_patch"
 
@@ -118,7 +118,11 @@ def _own_config(model: nn.Module, undo: Undo):
 
 
 def _is_attention(module: nn.Module) -> bool:
-    return all(hasattr(module, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling"))
+    """A self-attention module in HF's layout: separate q/k/v projections or one fused qkv_proj (Phi-3)."""
+    projections = all(hasattr(module, name) for name in ("q_proj", "k_proj", "v_proj")) or isinstance(
+        getattr(module, "qkv_proj", None), nn.Module
+    )
+    return projections and all(hasattr(module, name) for name in ("o_proj", "head_dim", "scaling"))
 
 
 def patch_model(model, *, rms_norm=True, rope=True, swiglu=True, attention=True, cross_entropy=True, keep_logits=False):
@@ -289,7 +293,15 @@ def _bind_mlps(model, undo: Undo) -> int:
     mlps = [m for m in model.modules() if isinstance(m._modules.get("gate_proj"), nn.Module) and hasattr(m, "act_fn")]
     for mlp in mlps:
         undo.bind(mlp, module_patch.gated_mlp_forward, _fastsft_activation=module_patch.probe_mlp(mlp))
-    return len(mlps)
+    fused = 0
+    for mlp in (m for m in model.modules() if module_patch.is_fused_gated_mlp(m)):
+        try:
+            activation = module_patch.probe_fused_mlp(mlp)
+        except (TypeError, ValueError):  # it computes something else (another activation, halves swapped): HF's own
+            continue
+        undo.bind(mlp, module_patch.fused_gated_mlp_forward, _fastsft_activation=activation)
+        fused += 1
+    return len(mlps) + fused
 
 
 def _bind_attention(model, family: Family, rope: bool, attention: bool, implementation: str, undo: Undo) -> int:
@@ -300,10 +312,10 @@ def _bind_attention(model, family: Family, rope: bool, attention: bool, implemen
             "(attn_logit_softcapping), which torch's varlen_attn does not implement; use attention=True "
             "(fastsft's kernels) or 'flash_attn'"
         )
+    rope_layouts: dict = {}  # measured on the first forward, once per table width, for all the model's layers
     for module in modules:
-        if family.qk_norm and not (hasattr(module, "q_norm") and hasattr(module, "k_norm")):
-            raise TypeError(f"{type(module).__name__} has no q_norm/k_norm, which its family's facts say it has")
-        state = attention_patch.AttentionState(family, rope, attention, implementation)
+        has_qk_norm(family, module)  # a module without the norms its family has is refused here, not mid-training
+        state = attention_patch.AttentionState(family, rope, attention, implementation, rope_layouts)
         undo.bind(module, attention_patch.attention_forward, _fastsft=state)
     return len(modules)
 
