@@ -232,6 +232,15 @@ PER_TYPE: dict[str, dict] = {
     "phi3": {"partial_rotary_factor": 0.75},  # Phi-4-mini's partial rotary
     "cohere": {"use_qk_norm": True},  # Command-R+'s per-head q/k LayerNorms
     "olmoe": {"clip_qkv": 1.0},
+    "gemma4_text": {  # K/V shared across layers, keys as values on full layers, MoE blocks, a final softcap
+        "num_hidden_layers": 4,
+        "layer_types": ["sliding_attention", "full_attention"] * 2,
+        "num_kv_shared_layers": 2,
+        "attention_k_eq_v": True,
+        "enable_moe_block": True,
+        "top_k_experts": 2,
+        "final_logit_softcapping": 30.0,
+    },
     # the defaults cannot build a model (real checkpoints' configs carry what is missing)
     "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
     "dbrx": {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "attn_pdrop": 0.0, "clip_qkv": 8.0}},

@@ -77,3 +77,14 @@ class Undo:
                 module.__dict__.pop(name, None)
         for module, config in reversed(self.configs):
             module.config = config
+
+
+def base_decoder(model: nn.Module) -> tuple[str | None, nn.Module | None]:
+    """(attribute name, module) of a causal LM's base decoder (the module its forward calls: `model.model` for
+    Llama-likes), or (None, None). Llama-4's text model names "language_model" as its prefix (the multimodal
+    model's name) and keeps its decoder at `model`."""
+    for name in dict.fromkeys((getattr(model, "base_model_prefix", "model"), "model")):
+        base = model._modules.get(name) if name else None
+        if isinstance(base, nn.Module) and base is not model:
+            return name, base
+    return None, None

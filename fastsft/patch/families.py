@@ -40,6 +40,10 @@ class Family:
         NoPE layers), "sliding" (only sliding-window layers: Cohere-2), "sliding_if_hybrid" (every layer
         when the model has no sliding window, else only the sliding ones: EXAONE-4).
     sinks: the module's `sinks` (one learned logit per query head) join every softmax denominator (gpt-oss).
+    bound_attention: fastsft binds its own forward onto the attention modules (projections, norms, fused RoPE,
+        varlen attention on token rows). False: the modules keep their own forward, RoPE included, which calls
+        fastsft's varlen attention through transformers' AttentionInterface (Gemma-4: layers share K/V,
+        values are normalised, some layers use keys as values).
     """
 
     window: str | None = None
@@ -48,6 +52,7 @@ class Family:
     clip_qkv: bool = False
     rope_layers: str = "all"
     sinks: bool = False
+    bound_attention: bool = True
 
 
 FAMILIES: dict[str, Family] = {
@@ -57,6 +62,7 @@ FAMILIES: dict[str, Family] = {
     "qwen3": Family(window="module", qk_norm=True),
     "gemma2": Family(window="module", attention_softcap=True),
     "gemma3_text": Family(window="module", qk_norm=True),
+    "gemma4_text": Family(window="module", qk_norm=True, bound_attention=False),
     # Llama-like attention and MLP (biases, multipliers and scalings are the modules' own, measured).
     "granite": Family(),
     "seed_oss": Family(),
@@ -78,6 +84,9 @@ FAMILIES: dict[str, Family] = {
     "glm4_moe": Family(),
     "phimoe": Family(window="config"),  # LayerNorm: rope and attention
     "olmoe": Family(window="config", qk_norm=True, clip_qkv=True),
+    "granitemoe": Family(),
+    # Chunked attention and complex-valued RoPE stay HF's: norms, the shared expert's MLP and the loss.
+    "llama4_text": Family(bound_attention=False),
     "gpt_oss": Family(window="module", sinks=True),  # half-width rotary table, attention sinks
 }
 

@@ -24,7 +24,7 @@ from fastsft._constants import IGNORE_INDEX
 from fastsft.ops import fused_linear_cross_entropy
 
 from .attention import refuse_packed_call
-from .binding import original_forward
+from .binding import base_decoder, original_forward
 from .families import UnsupportedModelError
 
 # Arguments of the causal LM's forward that the base decoder does not take.
@@ -114,7 +114,8 @@ def probe_head(model) -> tuple[HeadTransform | None, str]:
     fastsft's fused loss is not used, the model's own loss runs."""
     head = model.get_output_embeddings()
     extra = sorted(n for n, _ in head.named_parameters() if n not in ("weight", "bias"))
-    decoder_name = getattr(model, "base_model_prefix", "")
+    decoder_name, _ = base_decoder(model)
+    decoder_name = decoder_name or ""
     outside = sorted(n for n, _ in model.named_parameters() if not n.startswith((decoder_name + ".", "lm_head.")))
     outside = [n for n in outside if not any(n.startswith(f"{c}.") for c, m in model.named_children() if m is head)]
     if extra or outside:  # a learned scale or such: the fused loss would train it as a constant
@@ -241,7 +242,7 @@ def causal_lm_forward(self, *args, **kwargs):
         if arguments.get("output_router_logits") is None:
             arguments["output_router_logits"] = bool(getattr(self.config, "output_router_logits", False))
         router = arguments["output_router_logits"]
-    decoder = getattr(self, self.base_model_prefix)
+    _, decoder = base_decoder(self)
     outputs = decoder(**arguments, **extra, return_dict=True)
     hidden = outputs[0]
     if shift_labels is None:
@@ -360,6 +361,6 @@ def hf_loss_forward(self, *args, **kwargs):
 def _refuse_packed(model, arguments: dict, extra: dict) -> None:
     """Packed documents given to a model that cannot keep them apart are refused here too: a causal LM may drop
     position_ids before its decoder (whose guard would then see one document per row) receives them."""
-    decoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    if isinstance(decoder, torch.nn.Module):
+    _, decoder = base_decoder(model)
+    if decoder is not None:
         refuse_packed_call(decoder, arguments, extra)

@@ -17,7 +17,7 @@ import copy
 import torch
 from torch import nn
 
-from fastsft.ops import add_rms_norm, geglu, rms_norm, swiglu
+from fastsft.ops import add_rms_norm, geglu, reference, rms_norm, swiglu
 from fastsft.ops.rope import apply_rope_batched
 
 # Hugging Face activation names (config.hidden_act / hidden_activation) -> the gated op computing them.
@@ -259,11 +259,37 @@ def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return rms_norm(hidden_states, self.weight, eps, offset=offset)
 
 
+def activation_attribute(mlp: nn.Module) -> str | None:
+    """The name under which an HF MLP keeps its activation: `act_fn` (Llama) or `activation_fn` (Phi-3, Llama-4)."""
+    return next((name for name in ("act_fn", "activation_fn") if callable(getattr(mlp, name, None))), None)
+
+
 def probe_mlp(mlp: nn.Module) -> str:
-    """The gated op ("silu" or "gelu_tanh") an HF gate/up/down MLP computes (raises TypeError otherwise)."""
+    """The gated op ("silu" or "gelu_tanh") an HF gate/up/down MLP computes: its activation measured, and its
+    own forward checked once on a random input against down_proj(act(gate_proj(x)) * up_proj(x)) (unless its
+    weights are on the meta device). TypeError / ValueError otherwise."""
     if not all(isinstance(getattr(mlp, name, None), nn.Module) for name in ("gate_proj", "up_proj", "down_proj")):
         raise TypeError(f"{type(mlp).__name__} has no gate_proj/up_proj/down_proj")
-    return _gated_activation(_probe_activation(mlp))
+    activation = _gated_activation(_probe_activation(mlp, activation_attribute(mlp) or "act_fn"))
+    _check_mlp_form(mlp, mlp.gate_proj.weight, lambda x: (mlp.gate_proj(x), mlp.up_proj(x)), activation)
+    return activation
+
+
+def _check_mlp_form(mlp: nn.Module, weight: torch.Tensor, gate_and_up, activation: str) -> None:
+    """TypeError unless the MLP's own forward equals down_proj(act(gate) * up) for (gate, up) = gate_and_up(x),
+    on one random input (skipped on the meta device: nothing to run)."""
+    if weight.device.type == "meta":
+        return
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, weight.shape[1], generator=generator).to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        expected = type(mlp).forward(mlp, x).float()
+        # The reference op: this checks the module's form, and launches no kernel at patch time.
+        ours = mlp.down_proj(reference.gated_activation(*gate_and_up(x), activation)).float()
+    # Relative to the output's size, loose enough for bf16 weights; a wrong form is off by O(1).
+    scale = expected.abs().max().clamp_min(1e-6)
+    if not torch.allclose(ours / scale, expected / scale, rtol=0.0, atol=2e-2):
+        raise TypeError(f"{type(mlp).__name__}'s forward is not down_proj(act(gate) * up)")
 
 
 def gated_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -288,20 +314,7 @@ def probe_fused_mlp(mlp: nn.Module) -> str:
     forward (run once on a random input, unless its weights are on the meta device) computes anything else,
     e.g. the halves the other way round."""
     activation = _gated_activation(_probe_activation(mlp, "activation_fn", "gate_up_proj"))
-    weight = mlp.gate_up_proj.weight
-    if weight.device.type != "meta":
-        generator = torch.Generator().manual_seed(0)
-        x = torch.randn(3, weight.shape[1], generator=generator).to(device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            expected = type(mlp).forward(mlp, x).float()
-            gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
-            ours = mlp.down_proj(_GATED_OPS[activation](gate, up)).float()
-        # Relative to the output's size, loose enough for bf16 weights; a wrong form is off by O(1).
-        scale = expected.abs().max().clamp_min(1e-6)
-        if not torch.allclose(ours / scale, expected / scale, rtol=0.0, atol=2e-2):
-            raise TypeError(
-                f"{type(mlp).__name__} does not compute down_proj(act(gate) * up) from gate_up_proj's two halves"
-            )
+    _check_mlp_form(mlp, mlp.gate_up_proj.weight, lambda x: mlp.gate_up_proj(x).chunk(2, dim=-1), activation)
     return activation
 
 

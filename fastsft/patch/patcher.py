@@ -35,7 +35,7 @@ from fastsft.ops.attention import check_attention_implementation
 from . import attention as attention_patch
 from . import loss as loss_patch
 from . import modules as module_patch
-from .binding import Undo
+from .binding import Undo, base_decoder
 from .families import FAMILIES, Family, attention_softcap, family_of, has_qk_norm
 
 STATE_ATTRIBUTE = "_fastsft_patch"
@@ -95,12 +95,6 @@ def _check_unsharded(model: nn.Module) -> None:
                 f"{name} has no elements (partitioned, e.g. by DeepSpeed ZeRO-3): call fastsft.patch(model) "
                 "before the model is partitioned"
             )
-
-
-def _decoder(model: nn.Module) -> nn.Module | None:
-    """The base decoder (the module the causal LM's forward calls: `model.model` for Llama-likes)."""
-    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-    return base if isinstance(base, nn.Module) and base is not model else None
 
 
 def _own_config(model: nn.Module, undo: Undo):
@@ -163,7 +157,7 @@ def _generic_blockers(model, config) -> dict[str, str]:
 
 
 def _patch(model, family: Family | None, report: PatchReport, undo: Undo, options: dict, keep_logits: bool):
-    decoder = _decoder(model)
+    _, decoder = base_decoder(model)
     blocked = {}
     if family is None:
         warnings.warn(
@@ -176,6 +170,12 @@ def _patch(model, family: Family | None, report: PatchReport, undo: Undo, option
         blocked.update(_generic_blockers(model, model.config))
     if options["attention"] and getattr(model.config, "attention_dropout", 0.0):
         blocked["attention"] = f"config.attention_dropout={model.config.attention_dropout} (no dropout kernel)"
+    if options["attention"] and getattr(model.config, "attention_chunk_size", None):
+        # Llama-4: chunked layers see only their own chunk; fastsft's masks and kernels know causal and windows.
+        blocked["attention"] = (
+            f"chunked attention (config.attention_chunk_size={model.config.attention_chunk_size}) is not "
+            "implemented by fastsft's attention"
+        )
     if options["attention"] and decoder is None:
         blocked["attention"] = "no base decoder module found to compute document boundaries once"
     if options["cross_entropy"] and decoder is None:
@@ -192,11 +192,15 @@ def _patch(model, family: Family | None, report: PatchReport, undo: Undo, option
         config = _own_config(model, undo)
         config._attn_implementation = attention_patch.register_attention(implementation)
         undo.bind(decoder, attention_patch.decoder_forward)
-    if family is not None and (enabled["rope"] or enabled["attention"]):
+    if family is not None and not family.bound_attention and enabled["rope"]:
+        blocked["rope"] = f"{report.model_type}'s attention modules keep their own forward (RoPE included)"
+        enabled["rope"] = False
+    if family is not None and family.bound_attention and (enabled["rope"] or enabled["attention"]):
         count = _bind_attention(model, family, enabled["rope"], bool(enabled["attention"]), implementation, undo)
         report.patched.update({name: count for name in ("rope", "attention") if enabled[name]})
-    elif enabled["attention"]:
-        report.patched["attention"] = sum(1 for m in model.modules() if _is_attention(m))
+    elif enabled["attention"]:  # through the AttentionInterface: every module calling it (Gemma-4's K/V-sharing
+        # layers have no k_proj of their own)
+        report.patched["attention"] = sum(1 for m in model.modules() if hasattr(m, "o_proj") and hasattr(m, "scaling"))
     if enabled["cross_entropy"]:
         head = model.get_output_embeddings()
         transform, why = loss_patch.probe_head(model) if isinstance(head, nn.Linear) else (None, "")
@@ -270,6 +274,8 @@ def _packing_refusal(model, decoder, attention_patched: bool) -> str | None:
         # ... and hands the mask builder the position_ids (a `create_causal_mask(...)` or `mask_function(...)`
         # call with position_ids among its arguments): without them HF cannot see the documents.
         passes = re.search(r"mask\w*\((?:[^()]|\([^()]*\))*\bposition_ids\b", source) is not None
+        # ... or a dict of the builders' arguments holding them (Llama-4's `mask_kwargs = {..., "position_ids": ...}`)
+        passes = passes or re.search(r"mask\w*\s*=\s*\{[^{}]*[\"']position_ids[\"']\s*:", source) is not None
         if not (takes_positions and builds and passes):
             return "its attention is not fastsft's and its decoder does not build masks from position_ids"
     return None
@@ -283,25 +289,33 @@ def _source(obj) -> str:
 
 
 def _bind_norms(model, undo: Undo) -> int:
-    norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+    # A norm without a weight (Gemma-4's value norm, Llama-4's q/k norm) stays HF's: fastsft's kernel scales.
+    norms = [
+        m
+        for m in model.modules()
+        if type(m).__name__.endswith("RMSNorm") and isinstance(getattr(m, "weight", None), nn.Parameter)
+    ]
     for norm in norms:
         undo.bind(norm, module_patch.rms_norm_forward, _fastsft_norm=module_patch.probe_norm(norm))
     return len(norms)
 
 
 def _bind_mlps(model, undo: Undo) -> int:
-    mlps = [m for m in model.modules() if isinstance(m._modules.get("gate_proj"), nn.Module) and hasattr(m, "act_fn")]
-    for mlp in mlps:
-        undo.bind(mlp, module_patch.gated_mlp_forward, _fastsft_activation=module_patch.probe_mlp(mlp))
-    fused = 0
-    for mlp in (m for m in model.modules() if module_patch.is_fused_gated_mlp(m)):
+    count = 0
+    for mlp in model.modules():
+        if isinstance(mlp._modules.get("gate_proj"), nn.Module) and module_patch.activation_attribute(mlp):
+            probe, forward = module_patch.probe_mlp, module_patch.gated_mlp_forward
+        elif module_patch.is_fused_gated_mlp(mlp):
+            probe, forward = module_patch.probe_fused_mlp, module_patch.fused_gated_mlp_forward
+        else:
+            continue
         try:
-            activation = module_patch.probe_fused_mlp(mlp)
+            activation = probe(mlp)
         except (TypeError, ValueError):  # it computes something else (another activation, halves swapped): HF's own
             continue
-        undo.bind(mlp, module_patch.fused_gated_mlp_forward, _fastsft_activation=activation)
-        fused += 1
-    return len(mlps) + fused
+        undo.bind(mlp, forward, _fastsft_activation=activation)
+        count += 1
+    return count
 
 
 def _bind_attention(model, family: Family, rope: bool, attention: bool, implementation: str, undo: Undo) -> int:
