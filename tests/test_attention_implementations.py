@@ -167,12 +167,12 @@ def test_torch_varlen_attn_without_enable_gqa_repeats_heads_and_refuses_a_window
 
 
 def test_models_outside_the_family_table_use_the_named_implementation(cpu_flash_kernels):
-    from transformers import Phi3Config, Phi3ForCausalLM
+    from transformers import HeliumConfig, HeliumForCausalLM
 
     torch.manual_seed(0)
-    config = Phi3Config(**COMMON, pad_token_id=0)
+    config = HeliumConfig(**COMMON, head_dim=COMMON["hidden_size"] // COMMON["num_attention_heads"], pad_token_id=0)
     config._attn_implementation = "eager"
-    ref = Phi3ForCausalLM(config)
+    ref = HeliumForCausalLM(config)
     patched = copy.deepcopy(ref)
     with pytest.warns(UserWarning, match="not one of the supported families"):
         fastsft.patch(patched, attention="flash_attn")

@@ -7,6 +7,7 @@ FASTSFT_BACKEND (see fastsft/ops/_backend.py).
 from .activations import geglu, swiglu
 from .attention import varlen_attention
 from .cross_entropy import cross_entropy, fused_linear_cross_entropy
+from .logprobs import fused_linear_logprobs, per_sequence_sum
 from .rms_norm import add_rms_norm, rms_norm
 from .rope import apply_rope
 
@@ -15,7 +16,9 @@ __all__ = [
     "apply_rope",
     "cross_entropy",
     "fused_linear_cross_entropy",
+    "fused_linear_logprobs",
     "geglu",
+    "per_sequence_sum",
     "rms_norm",
     "swiglu",
     "varlen_attention",

@@ -304,6 +304,32 @@ def _flce_backward(ctx, grad_loss, *_grads_of_grad_outputs):
 _flce_op.register_autograd(_flce_backward, setup_context=_flce_setup_context)
 
 
+def check_linear_head_inputs(op: str, hidden, weight, labels, bias, ignore_index: int) -> None:
+    """The argument checks of an op on hidden [N, H], an lm_head weight [V, H], labels [N] and a bias [V]: clear
+    errors naming `op`, the tensor, its shape and dtype."""
+    check_float(op, "hidden", hidden, 2, "[N, H]")
+    check_float(op, "weight", weight, 2, "[V, H]")
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(
+            f"{op}: hidden is [N, H] = {tuple(hidden.shape)} but weight is [V, H] = {tuple(weight.shape)}: H differs"
+        )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{op}: weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"{op}: weight is on {weight.device} but hidden is on {hidden.device}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{op}: weight has an empty vocabulary, {describe(weight)}")
+    if bias is not None:
+        check_float(op, "bias", bias, 1, "[V]")
+        if bias.shape[0] != weight.shape[0] or bias.dtype != weight.dtype or bias.device != weight.device:
+            raise ValueError(
+                f"{op}: bias must be [V] = [{weight.shape[0]}] like weight ({weight.dtype}, {weight.device}), "
+                f"got {describe(bias)}"
+            )
+    check_labels(op, labels, hidden.shape[0], hidden.device)
+    check_label_range(op, labels, weight.shape[0], ignore_index)
+
+
 def fused_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -346,30 +372,8 @@ def fused_linear_cross_entropy(
     incoming gradient in fp32. float16 and "none" recompute in the backward with the real incoming
     gradient, so a loss scaler's factor reaches the fp16 gradients before they are rounded.
     """
-    op = "fused_linear_cross_entropy"
-    check_float(op, "hidden", hidden, 2, "[N, H]")
-    check_float(op, "weight", weight, 2, "[V, H]")
-    if weight.shape[1] != hidden.shape[1]:
-        raise ValueError(
-            f"{op}: hidden is [N, H] = {tuple(hidden.shape)} but weight is [V, H] = {tuple(weight.shape)}: H differs"
-        )
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"{op}: weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
-    if weight.device != hidden.device:
-        raise ValueError(f"{op}: weight is on {weight.device} but hidden is on {hidden.device}")
-    if weight.shape[0] == 0:
-        raise ValueError(f"{op}: weight has an empty vocabulary, {describe(weight)}")
-    if bias is not None:
-        check_float(op, "bias", bias, 1, "[V]")
-        if bias.shape[0] != weight.shape[0] or bias.dtype != weight.dtype or bias.device != weight.device:
-            raise ValueError(
-                f"{op}: bias must be [V] = [{weight.shape[0]}] like weight ({weight.dtype}, {weight.device}), "
-                f"got {describe(bias)}"
-            )
-    check_labels(op, labels, hidden.shape[0], hidden.device)
-    check_options(op, reduction, label_smoothing, z_loss, softcap)
-    check_label_range(op, labels, weight.shape[0], ignore_index)
-
+    check_linear_head_inputs("fused_linear_cross_entropy", hidden, weight, labels, bias, ignore_index)
+    check_options("fused_linear_cross_entropy", reduction, label_smoothing, z_loss, softcap)
     grad_on = torch.is_grad_enabled()
     loss, *_ = _flce_op(
         hidden,

@@ -133,6 +133,36 @@ def cross_entropy_rows_with_grads(
     return row_losses, dz
 
 
+def fused_linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Differentiable oracle of fastsft.ops.fused_linear_logprobs: log_softmax(hidden @ weight.T + bias) at each
+    row's label, 0 on rows labelled ignore_index; [N] in compute dtype. Materialises all [N, V] logits."""
+    dtype = compute_dtype(hidden.dtype)
+    logits = hidden.to(dtype) @ weight.to(dtype).T
+    if bias is not None:
+        logits = logits + bias.to(dtype)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    supervised = labels != ignore_index
+    targets = torch.where(supervised, labels, torch.zeros_like(labels)).long()
+    picked = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
+    return torch.where(supervised, picked, torch.zeros_like(picked))
+
+
+def per_sequence_sum(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Oracle of fastsft.ops.per_sequence_sum: one slice sum per sequence, in a Python loop."""
+    bounds = [int(b) for b in cu_seqlens]
+    sums = [values[start:end].sum() for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+    return torch.stack(sums) if sums else values.new_zeros(0)
+
+
 def fused_linear_cross_entropy_with_grads(
     hidden: torch.Tensor,
     weight: torch.Tensor,

@@ -266,26 +266,32 @@ def activation_attribute(mlp: nn.Module) -> str | None:
 
 def probe_mlp(mlp: nn.Module) -> str:
     """The gated op ("silu" or "gelu_tanh") an HF gate/up/down MLP computes: its activation measured, and its
-    own forward checked once on a random input against down_proj(act(gate_proj(x)) * up_proj(x)) (unless its
-    weights are on the meta device). TypeError / ValueError otherwise."""
+    own forward checked once on a random input against down_proj(act(gate_proj(x)) * up_proj(x)).
+    TypeError / ValueError otherwise."""
     if not all(isinstance(getattr(mlp, name, None), nn.Module) for name in ("gate_proj", "up_proj", "down_proj")):
         raise TypeError(f"{type(mlp).__name__} has no gate_proj/up_proj/down_proj")
     activation = _gated_activation(_probe_activation(mlp, activation_attribute(mlp) or "act_fn"))
-    _check_mlp_form(mlp, mlp.gate_proj.weight, lambda x: (mlp.gate_proj(x), mlp.up_proj(x)), activation)
+    _check_mlp_form(mlp, "gate_proj", lambda module, x: (module.gate_proj(x), module.up_proj(x)), activation)
     return activation
 
 
-def _check_mlp_form(mlp: nn.Module, weight: torch.Tensor, gate_and_up, activation: str) -> None:
-    """TypeError unless the MLP's own forward equals down_proj(act(gate) * up) for (gate, up) = gate_and_up(x),
-    on one random input (skipped on the meta device: nothing to run)."""
-    if weight.device.type == "meta":
-        return
+def _check_mlp_form(mlp: nn.Module, projection: str, gate_and_up, activation: str) -> None:
+    """TypeError unless the MLP's own forward equals down_proj(act(gate) * up) for (gate, up) =
+    gate_and_up(module, x), on one random input. An MLP on the meta device (sharded initialisation) is checked
+    through a CPU copy with random weights: the form does not depend on the values."""
     generator = torch.Generator().manual_seed(0)
+    module = mlp
+    if any(p.device.type == "meta" for p in mlp.parameters()):
+        module = copy.deepcopy(mlp).to_empty(device="cpu")
+        with torch.no_grad():
+            for parameter in module.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    weight = getattr(module, projection).weight
     x = torch.randn(3, weight.shape[1], generator=generator).to(device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
-        expected = type(mlp).forward(mlp, x).float()
+        expected = type(module).forward(module, x).float()
         # The reference op: this checks the module's form, and launches no kernel at patch time.
-        ours = mlp.down_proj(reference.gated_activation(*gate_and_up(x), activation)).float()
+        ours = module.down_proj(reference.gated_activation(*gate_and_up(module, x), activation)).float()
     # Relative to the output's size, loose enough for bf16 weights; a wrong form is off by O(1).
     scale = expected.abs().max().clamp_min(1e-6)
     if not torch.allclose(ours / scale, expected / scale, rtol=0.0, atol=2e-2):
@@ -311,10 +317,9 @@ def is_fused_gated_mlp(module: nn.Module) -> bool:
 def probe_fused_mlp(mlp: nn.Module) -> str:
     """The gated op ("silu" or "gelu_tanh") of a fused gate_up_proj MLP computing
     down_proj(act(gate) * up) with gate, up = gate_up_proj(x).chunk(2, -1); TypeError when the module's own
-    forward (run once on a random input, unless its weights are on the meta device) computes anything else,
-    e.g. the halves the other way round."""
+    forward (run once on a random input) computes anything else, e.g. the halves the other way round."""
     activation = _gated_activation(_probe_activation(mlp, "activation_fn", "gate_up_proj"))
-    _check_mlp_form(mlp, mlp.gate_up_proj.weight, lambda x: mlp.gate_up_proj(x).chunk(2, dim=-1), activation)
+    _check_mlp_form(mlp, "gate_up_proj", lambda module, x: module.gate_up_proj(x).chunk(2, dim=-1), activation)
     return activation
 
 
