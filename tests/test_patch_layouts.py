@@ -379,6 +379,26 @@ def test_a_fused_mlp_with_its_halves_swapped_is_left_to_its_own_forward(monkeypa
     assert_same_grads(ref, patched, rtol=1e-5, atol=1e-6)
 
 
+def test_an_mlp_on_the_meta_device_is_checked_through_a_cpu_copy(monkeypatch):
+    """Sharded initialisation builds the model on the meta device: the form check still runs (on a CPU copy with
+    random weights), so a swapped fused MLP is refused there too, and a normal one is accepted."""
+    from transformers.models.phi3.modeling_phi3 import Phi3MLP
+
+    config = tiny_phi3().config
+    with torch.device("meta"):
+        mlp = Phi3MLP(config)
+    assert probe_fused_mlp(mlp) == "silu"
+    assert mlp.gate_up_proj.weight.device.type == "meta"  # the module itself is untouched
+
+    def swapped(self, hidden_states):
+        up, gate = self.gate_up_proj(hidden_states).chunk(2, dim=-1)
+        return self.down_proj(up * self.activation_fn(gate))
+
+    monkeypatch.setattr(Phi3MLP, "forward", swapped)
+    with pytest.raises(TypeError, match="Phi3MLP"):
+        probe_fused_mlp(mlp)
+
+
 INTERLEAVED_MODELS = {
     # GLM-4 turns dims (2i, 2i + 1) of the first half of each head by angle i; Cohere every head dim, the table
     # interleaved (angle i in columns 2i and 2i + 1).
