@@ -13,7 +13,7 @@ import types
 
 from .families import UnsupportedModelError
 
-__all__ = ["UnsupportedModelError", "patch", "unpatch"]
+__all__ = ["UnsupportedModelError", "label_logprobs", "patch", "unpatch"]
 
 
 def patch(model, *, rms_norm=True, rope=True, swiglu=True, attention=True, cross_entropy=True, keep_logits=False):
@@ -29,7 +29,8 @@ def patch(model, *, rms_norm=True, rope=True, swiglu=True, attention=True, cross
     keep_logits=True). `model.fastsft_report` says what was swapped and what was not, and why.
 
     Families in fastsft's table, `fastsft.patch.families.FAMILIES` (llama, mistral, ministral, qwen2/3,
-    gemma2/3, granite, seed_oss, arcee, starcoder2, mixtral, qwen2/3-moe, glm4_moe, phimoe).
+    gemma2/3/4, phi3, olmo2/3, glm4, smollm3, exaone4, cohere/cohere2, granite, seed_oss, arcee, starcoder2,
+    llama4, and the MoE families mixtral, qwen2/3-moe, olmoe, granitemoe, glm4_moe, phimoe, gpt-oss).
     Other decoder-only causal LMs get attention and the loss, with a warning; a model fastsft cannot run
     exactly raises UnsupportedModelError. Undo with `fastsft.unpatch(model)`.
     """
@@ -44,6 +45,16 @@ def patch(model, *, rms_norm=True, rope=True, swiglu=True, attention=True, cross
         cross_entropy=cross_entropy,
         keep_logits=keep_logits,
     )
+
+
+def label_logprobs(model, shift_labels, **inputs):
+    """Per-token log-probabilities [B * S] (float32, 0 where shift_labels is -100) of `shift_labels` [B, S]
+    under a model patched with the fused loss, from its decoder run on `inputs` (input_ids, position_ids, ...)
+    and its head as its own forward applies it, without the logits: the input of a preference loss (sum them
+    per sequence with fastsft.ops.per_sequence_sum). See fastsft.patch.loss.label_logprobs."""
+    from .loss import label_logprobs as _label_logprobs
+
+    return _label_logprobs(model, shift_labels, **inputs)
 
 
 def unpatch(model):

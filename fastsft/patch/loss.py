@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fastsft._constants import IGNORE_INDEX
-from fastsft.ops import fused_linear_cross_entropy
+from fastsft.ops import fused_linear_cross_entropy, fused_linear_logprobs
 
 from .attention import refuse_packed_call
 from .binding import base_decoder, original_forward
@@ -215,6 +215,66 @@ def _whole(t, name: str):
     return t
 
 
+def _head_rows(head, transform: HeadTransform, hidden: torch.Tensor):
+    """(rows [N, H], weight [V, H], bias [V] or None) for a fused op computing the model's own logits
+    softcap(logit_scale * lm_head(hidden_scale * hidden)) from hidden [..., H]."""
+    weight, bias = _whole(head.weight, "weight"), _whole(head.bias, "bias")
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    # logit_scale * (W (a h) + bias) = W (a * logit_scale * h) + logit_scale * bias: both scales ride on the rows.
+    row_scale = transform.hidden_scale * transform.logit_scale
+    if row_scale != 1.0:
+        rows = rows * row_scale
+    if bias is not None and transform.logit_scale != 1.0:
+        bias = bias * transform.logit_scale
+    if weight.dtype != rows.dtype:  # e.g. an fp32 head under autocast: compute in the head's dtype
+        rows = rows.to(weight.dtype)
+    return rows, weight, bias
+
+
+def _head_op(op, rows, weight, labels, bias, **options):
+    """op(rows, weight, labels, bias=bias, **options), a fused lm_head op. Under autocast (an fp32 model with
+    HF Trainer's bf16=True, fastsft train's bf16) the lm_head matmul runs in the autocast dtype as HF's would,
+    the loss math in fp32 inside the op."""
+    device_type = rows.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            bias = None if bias is None else bias.to(dtype)
+            return op(rows.to(dtype), weight.to(dtype), labels, bias=bias, **options)
+    return op(rows, weight, labels, bias=bias, **options)
+
+
+def label_logprobs(model, shift_labels: torch.Tensor, **inputs) -> torch.Tensor:
+    """Per-token log-probabilities of the labels under a causal LM patched by `fastsft.patch` (with its fused
+    loss), for preference losses: the base decoder runs on `inputs` (input_ids [B, S], position_ids, ...),
+    then fastsft.ops.fused_linear_logprobs on the head exactly as the model's own forward applies it (the
+    measured hidden / logit scale and softcap), without the [B * S, V] logits.
+
+    shift_labels: [B, S] int, already shifted (the token each position predicts), -100 where no log-prob is
+        wanted (prompt, document ends). Returns [B * S] float32, 0 at -100 positions, differentiable.
+    """
+    base = model.get_base_model() if type(model).__module__.startswith("peft.") else model
+    state = base.__dict__.get("_fastsft_loss")
+    head = _plain_linear_head(base)
+    if state is None or head is None:
+        why = "its lm_head is wrapped (e.g. a LoRA adapter on lm_head)" if state is not None else "it is not patched"
+        raise UnsupportedModelError(
+            f"label_logprobs needs a causal LM patched by fastsft.patch with its fused loss, but {why}; see "
+            f"{type(base).__name__}.fastsft_report"
+        )
+    _, decoder = base_decoder(base)
+    inputs.setdefault("use_cache", False)
+    _refuse_packed(base, inputs, {})
+    hidden = decoder(**inputs, return_dict=True)[0]
+    if shift_labels.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"shift_labels of shape {tuple(shift_labels.shape)} do not match the tokens {tuple(hidden.shape[:-1])}"
+        )
+    rows, weight, bias = _head_rows(head, state.head, hidden)
+    labels = shift_labels.reshape(-1).to(device=hidden.device)
+    return _head_op(fused_linear_logprobs, rows, weight, labels, bias, softcap=state.head.softcap)
+
+
 def causal_lm_forward(self, *args, **kwargs):
     original = original_forward(self)
     state = self._fastsft_loss
@@ -254,34 +314,12 @@ def causal_lm_forward(self, *args, **kwargs):
         )
     transform = state.head
     cap = transform.softcap
-    weight, bias = _whole(head.weight, "weight"), _whole(head.bias, "bias")
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    # logit_scale * (W (a h) + bias) = W (a * logit_scale * h) + logit_scale * bias: both scales ride on the rows.
-    row_scale = transform.hidden_scale * transform.logit_scale
-    if row_scale != 1.0:
-        flat_hidden = flat_hidden * row_scale
-    if bias is not None and transform.logit_scale != 1.0:
-        bias = bias * transform.logit_scale
-    if weight.dtype != flat_hidden.dtype:  # e.g. an fp32 head under autocast: compute in the head's dtype
-        flat_hidden = flat_hidden.to(weight.dtype)
+    flat_hidden, weight, bias = _head_rows(head, transform, hidden)
     flat_labels = shift_labels.reshape(-1).to(device=hidden.device)
     reduction = "mean" if num_items_in_batch is None else "sum"
-    device_type = flat_hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        # Mixed precision (an fp32 model under autocast, e.g. HF Trainer's bf16=True on fp32 weights): the
-        # lm_head matmul runs in the autocast dtype as HF's would, the loss math in fp32 inside the op.
-        dtype = torch.get_autocast_dtype(device_type)
-        with torch.autocast(device_type, enabled=False):
-            loss = fused_linear_cross_entropy(
-                flat_hidden.to(dtype),
-                weight.to(dtype),
-                flat_labels,
-                bias=None if bias is None else bias.to(dtype),
-                reduction=reduction,
-                softcap=cap,
-            )
-    else:
-        loss = fused_linear_cross_entropy(flat_hidden, weight, flat_labels, bias=bias, reduction=reduction, softcap=cap)
+    loss = _head_op(
+        fused_linear_cross_entropy, flat_hidden, weight, flat_labels, bias, reduction=reduction, softcap=cap
+    )
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
