@@ -244,35 +244,31 @@ def _head_op(op, rows, weight, labels, bias, **options):
     return op(rows, weight, labels, bias=bias, **options)
 
 
+# The patched causal LM's forward returns {"label_logprobs": [B * S] float32} instead of a loss when this keyword
+# is True (label_logprobs below): the call goes through the model's own __call__, so FSDP's hooks (gathering the
+# root unit's embeddings and lm_head, reducing their gradients) and PEFT's wrappers run as for a loss.
+LOGPROBS_KWARG = "fastsft_label_logprobs"
+
+
 def label_logprobs(model, shift_labels: torch.Tensor, **inputs) -> torch.Tensor:
     """Per-token log-probabilities of the labels under a causal LM patched by `fastsft.patch` (with its fused
-    loss), for preference losses: the base decoder runs on `inputs` (input_ids [B, S], position_ids, ...),
-    then fastsft.ops.fused_linear_logprobs on the head exactly as the model's own forward applies it (the
-    measured hidden / logit scale and softcap), without the [B * S, V] logits.
+    loss), for preference losses: the model's forward on `inputs` (input_ids [B, S], position_ids, ...) up to
+    its final hidden states, then fastsft.ops.fused_linear_logprobs on the head exactly as the model's own
+    forward applies it (the measured hidden / logit scale and softcap), without the [B * S, V] logits.
 
     shift_labels: [B, S] int, already shifted (the token each position predicts), -100 where no log-prob is
         wanted (prompt, document ends). Returns [B * S] float32, 0 at -100 positions, differentiable.
     """
     base = model.get_base_model() if type(model).__module__.startswith("peft.") else model
     state = base.__dict__.get("_fastsft_loss")
-    head = _plain_linear_head(base)
-    if state is None or head is None:
+    if state is None or _plain_linear_head(base) is None:
         why = "its lm_head is wrapped (e.g. a LoRA adapter on lm_head)" if state is not None else "it is not patched"
         raise UnsupportedModelError(
             f"label_logprobs needs a causal LM patched by fastsft.patch with its fused loss, but {why}; see "
             f"{type(base).__name__}.fastsft_report"
         )
-    _, decoder = base_decoder(base)
     inputs.setdefault("use_cache", False)
-    _refuse_packed(base, inputs, {})
-    hidden = decoder(**inputs, return_dict=True)[0]
-    if shift_labels.shape != hidden.shape[:-1]:
-        raise ValueError(
-            f"shift_labels of shape {tuple(shift_labels.shape)} do not match the tokens {tuple(hidden.shape[:-1])}"
-        )
-    rows, weight, bias = _head_rows(head, state.head, hidden)
-    labels = shift_labels.reshape(-1).to(device=hidden.device)
-    return _head_op(fused_linear_logprobs, rows, weight, labels, bias, softcap=state.head.softcap)
+    return model(**inputs, shift_labels=shift_labels, **{LOGPROBS_KWARG: True})["label_logprobs"]
 
 
 def causal_lm_forward(self, *args, **kwargs):
@@ -284,7 +280,10 @@ def causal_lm_forward(self, *args, **kwargs):
     _refuse_packed(self, arguments, extra)
     labels = arguments.get("labels")
     shift_labels = extra.pop("shift_labels", None)
+    want_logprobs = bool(extra.pop(LOGPROBS_KWARG, False))
     head = _plain_linear_head(self)
+    if want_logprobs and (shift_labels is None or head is None):
+        raise UnsupportedModelError("label log-probs need shift_labels and a plain lm_head (see label_logprobs)")
     if labels is None and shift_labels is None:
         return original(*args, **kwargs)
     if head is None:  # something wraps lm_head now (e.g. LoRA added after patching): the model's own loss
@@ -316,6 +315,8 @@ def causal_lm_forward(self, *args, **kwargs):
     cap = transform.softcap
     flat_hidden, weight, bias = _head_rows(head, transform, hidden)
     flat_labels = shift_labels.reshape(-1).to(device=hidden.device)
+    if want_logprobs:
+        return {"label_logprobs": _head_op(fused_linear_logprobs, flat_hidden, weight, flat_labels, bias, softcap=cap)}
     reduction = "mean" if num_items_in_batch is None else "sum"
     loss = _head_op(
         fused_linear_cross_entropy, flat_hidden, weight, flat_labels, bias, reduction=reduction, softcap=cap
