@@ -17,6 +17,9 @@ maps the arrays instead of tokenizing again. Files:
 A cache is written under a temporary name and renamed into place only when complete, so an interrupted run
 never leaves a half-written cache that a later run would trust.
 
+Preference pairs (fastsft.data.preference) use the same cache: their objective is part of the key, their
+examples come two per pair (chosen, rejected) and their meta.json says `"pairs": true`.
+
 Truncation policy (`truncation=`): "right" (default) keeps an example's first `max_seq_len` tokens (the
 prompt and the start of the reply: what a model sees first is what it conditions on); "drop" drops examples
 longer than `max_seq_len`. Either way an example left with no trained target is dropped and counted, and a
@@ -32,9 +35,10 @@ import shutil
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -86,6 +90,14 @@ class TokenizeReport:
             parts.append(f"{self.skipped_bad_records:,} bad records skipped ({reasons})")
         return "; ".join(parts)
 
+    def _count_dropped(self, reasons: list[tuple[int, str]]) -> None:
+        """One unit (an example; a preference pair) dropped whole; `reasons` = (index of the sequence within the
+        unit, "too long" or "no response") for each sequence that did not fit."""
+        if any(why == "too long" for _, why in reasons):
+            self.dropped_too_long += 1
+        else:
+            self.dropped_no_response += 1
+
 
 class DamagedCacheError(DataError):
     """A cache folder whose files do not match its meta.json (prepare_dataset rebuilds such a cache)."""
@@ -95,14 +107,16 @@ class TokenizedDataset:
     """Examples as memory-mapped arrays: `len(data)`, `data[i] -> (ids int32 [n], trained bool [n])`,
     `data.lengths` (int64 [N]), `data.report`, `data.path` (the cache directory)."""
 
+    report_type: ClassVar[type[TokenizeReport]] = TokenizeReport  # a subclass's report (pairs) has more fields
+
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         meta = json.loads((self.path / "meta.json").read_text())
         if meta.get("format_version") != CACHE_FORMAT_VERSION:
             raise ValueError(f"{self.path}: cache format {meta.get('format_version')} != {CACHE_FORMAT_VERSION}")
         self.meta = meta
-        report = dict(meta["report"])
-        self.report = TokenizeReport(**report)
+        known = {f.name for f in fields(self.report_type)}
+        self.report = self.report_type(**{name: value for name, value in meta["report"].items() if name in known})
         n_tokens, n_examples = meta["tokens"], meta["examples"]
         _check_sizes(self.path, n_tokens, n_examples)
         self.offsets = _map(self.path / "offsets.bin", np.int64, n_examples + 1)
@@ -126,7 +140,7 @@ class TokenizedDataset:
         return int(self.offsets[-1])
 
     def __repr__(self) -> str:
-        return f"TokenizedDataset({self.path}: {self.report.summary()})"
+        return f"{type(self).__name__}({self.path}: {self.report.summary()})"
 
 
 def _check_sizes(path: Path, n_tokens: int, n_examples: int) -> None:
@@ -296,10 +310,7 @@ def prepare_dataset(
     Several processes (e.g. the ranks of one job) may call this at once with the same inputs: each builds,
     the first to finish publishes and the others use its cache. Better: let one rank prepare first.
     """
-    if not isinstance(max_seq_len, int) or max_seq_len < 2:
-        raise ValueError(f"max_seq_len must be an int >= 2, got {max_seq_len!r}")
-    if truncation not in TRUNCATION_POLICIES:
-        raise ValueError(f"truncation must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
+    _check_length_options(max_seq_len, truncation)
     options = MaskOptions(train_on_inputs=train_on_inputs, assistant_turns=assistant_turns, mask_method=mask_method)
     masker = ResponseMasker(
         tokenizer, chat_template=chat_template, options=options, chat_template_kwargs=chat_template_kwargs
@@ -312,27 +323,54 @@ def prepare_dataset(
         "on_bad_record": on_bad_record,
         **asdict(options),
     }
+
+    def build(directory: Path, source) -> None:
+        _write_cache(directory, source, masker, settings, chunk_size, progress)
+
+    return _build_or_map(source, masker, settings, build, cache_dir=cache_dir, use_cache=use_cache)
+
+
+def _check_length_options(max_seq_len: int, truncation: str) -> None:
+    if not isinstance(max_seq_len, int) or max_seq_len < 2:
+        raise ValueError(f"max_seq_len must be an int >= 2, got {max_seq_len!r}")
+    if truncation not in TRUNCATION_POLICIES:
+        raise ValueError(f"truncation must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
+
+
+def _build_or_map(
+    source,
+    masker: ResponseMasker,
+    settings: dict,
+    build: Callable[[Path, Any], None],
+    *,
+    cache_dir: str | os.PathLike | None,
+    use_cache: bool,
+    dataset_type: type[TokenizedDataset] = TokenizedDataset,
+) -> TokenizedDataset:
+    """The cache of (source, tokenizer, template, settings): mapped when it exists, else `build(staging, source)`
+    writes it into a staging folder that is then published atomically. `settings` must hold everything the
+    examples depend on besides those (objective, lengths, masking options): it is hashed into the key."""
     if not isinstance(source, (str, os.PathLike, list, tuple)) and iter(source) is source:
         source = list(source)  # a one-shot iterator: hashing it for the cache key would consume it
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = _cache_key(source, tokenizer, masker.chat_template, settings)
+    key = _cache_key(source, masker.tokenizer, masker.chat_template, settings)
     final = root / key
     if use_cache and (final / "meta.json").is_file():
         try:
-            return TokenizedDataset(final)
+            return dataset_type(final)
         except DamagedCacheError as error:
-            warnings.warn(f"{error}; rebuilding it", stacklevel=2)
+            warnings.warn(f"{error}; rebuilding it", stacklevel=3)
             use_cache = False  # build it again and swap the damaged one out
 
     root.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_staging(root, key)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}.partial-{os.getpid()}-", dir=root))
     try:
-        _write_cache(staging, source, masker, settings, chunk_size, progress)
+        build(staging, source)
         _publish(staging, final, replace=not use_cache)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already when it was published
-    return TokenizedDataset(final)
+    return dataset_type(final)
 
 
 def _remove_abandoned_staging(root: Path, key: str) -> None:
@@ -388,43 +426,72 @@ def _progress_bar(enabled: bool | None, description: str):
 
 
 def _write_cache(directory: Path, source, masker: ResponseMasker, settings: dict, chunk_size: int, progress):
+    """SFT: one example per record."""
     load_report = LoadReport()
+    records = iter_records(
+        source, format=settings["format"], on_bad_record=settings["on_bad_record"], report=load_report
+    )
+
+    def encode(chunk: list[Record]) -> list[list[tuple[np.ndarray, np.ndarray]] | DataError]:
+        out = []
+        for record, encoded in zip(chunk, masker.encode(chunk), strict=True):
+            if not isinstance(encoded, DataError):
+                encoded = _check_token_ids(record, *encoded, len(masker.tokenizer))
+            out.append(encoded if isinstance(encoded, DataError) else [encoded])
+        return out
+
     report = TokenizeReport()
+    _write_examples(
+        directory, source, records, encode, masker.chat_template, settings, report, load_report, chunk_size, progress
+    )
+
+
+def _write_examples(
+    directory: Path,
+    source,
+    units: Iterable,
+    encode: Callable[[list], Sequence[list[tuple[np.ndarray, np.ndarray]] | DataError]],
+    chat_template: str,
+    settings: dict,
+    report: TokenizeReport,
+    load_report: LoadReport,
+    chunk_size: int,
+    progress,
+    meta_extra: dict | None = None,
+) -> None:
+    """Tokenize `units` (records; preference pairs) chunk by chunk into the cache files in `directory`.
+
+    `encode(chunk)` gives, per unit, its sequences [(ids int64 [n], trained bool [n]), ...] in the order they
+    are stored, or a DataError (a bad unit: raised, or skipped and counted in `load_report`). A unit is kept
+    or dropped whole: when one of its sequences is too long (truncation "drop") or has no trained target left
+    (after truncation "right"), none of them is written, so a pair never loses one side.
+    """
     skipped_while_masking = 0
     max_seq_len, truncation = settings["max_seq_len"], settings["truncation"]
     skip_bad = settings["on_bad_record"] == "skip"
     lengths: list[int] = []
     bar = _progress_bar(progress, "tokenizing")
-    records = iter_records(
-        source, format=settings["format"], on_bad_record=settings["on_bad_record"], report=load_report
-    )
     with open(directory / "tokens.bin", "wb") as tokens_file, open(directory / "trained.bin", "wb") as trained_file:
-        for chunk in _chunks(records, chunk_size):
-            for record, encoded in zip(chunk, masker.encode(chunk), strict=True):
-                if not isinstance(encoded, DataError):
-                    encoded = _check_token_ids(record, *encoded, len(masker.tokenizer))
+        for chunk in _chunks(units, chunk_size):
+            for encoded in encode(chunk):
                 if isinstance(encoded, DataError):
                     if not skip_bad:
                         raise encoded
                     load_report.add_skipped(encoded)
                     skipped_while_masking += 1
                     continue
-                ids, trained = encoded
-                if len(ids) > max_seq_len:
-                    if truncation == "drop":
-                        report.dropped_too_long += 1
-                        continue
-                    ids, trained = ids[:max_seq_len], trained[:max_seq_len]
-                targets = int(trained[1:].sum())
-                if targets == 0:
-                    report.dropped_no_response += 1
+                fitted = [_fit(ids, trained, max_seq_len, truncation) for ids, trained in encoded]
+                reasons = [(i, why) for i, why in enumerate(fitted) if isinstance(why, str)]
+                if reasons:
+                    report._count_dropped(reasons)
                     continue
-                report.truncated += int(len(ids) < len(encoded[0]))  # counts kept examples only
-                tokens_file.write(ids.astype(TOKEN_DTYPE).tobytes())
-                trained_file.write(trained.astype(np.uint8).tobytes())
-                lengths.append(len(ids))
-                report.tokens += len(ids)
-                report.trained_tokens += targets
+                for (ids, trained, targets), (full_ids, _) in zip(fitted, encoded, strict=True):
+                    report.truncated += int(len(ids) < len(full_ids))  # counts kept examples only
+                    tokens_file.write(ids.astype(TOKEN_DTYPE).tobytes())
+                    trained_file.write(trained.astype(np.uint8).tobytes())
+                    lengths.append(len(ids))
+                    report.tokens += len(ids)
+                    report.trained_tokens += targets
             if bar is not None:
                 bar.update(len(chunk))
     if bar is not None:
@@ -451,11 +518,23 @@ def _write_cache(directory: Path, source, masker: ResponseMasker, settings: dict
         "examples": report.examples,
         "tokens": report.tokens,
         "settings": settings,
-        "chat_template": masker.chat_template,
+        "chat_template": chat_template,
         "source": _describe(source),
         "report": asdict(report),
+        **(meta_extra or {}),
     }
     (directory / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def _fit(ids: np.ndarray, trained: np.ndarray, max_seq_len: int, truncation: str):
+    """(ids, trained, number of trained targets) within `max_seq_len`, or why the sequence cannot be kept:
+    "too long" (truncation "drop") or "no response" (no trained target left; the first token never is one)."""
+    if len(ids) > max_seq_len:
+        if truncation == "drop":
+            return "too long"
+        ids, trained = ids[:max_seq_len], trained[:max_seq_len]
+    targets = int(trained[1:].sum())
+    return (ids, trained, targets) if targets else "no response"
 
 
 def _check_token_ids(record: Record, ids: np.ndarray, trained: np.ndarray, vocab_size: int):
