@@ -111,11 +111,14 @@ def test_loss_and_gradients_equal_the_formula_on_the_unpatched_model(settings):
     patched = fastsft.patch(copy.deepcopy(unpatched))
     loader = PackedLoader(data, max_tokens=40, grad_accum=10, group=2)  # several pairs per row, several rows
     (step,) = list(loader.steps(0))
-    result = preference_forward_backward(patched, step, settings, DEVICE, None, reference=reference)
+    loss, tokens, supervised, metric_sums = preference_forward_backward(
+        patched, step, settings, DEVICE, None, reference=reference
+    )
     want = _formula_loss(settings, unpatched, data, torch.from_numpy(reference) if reference is not None else None)
     want.backward()
-    torch.testing.assert_close(result.loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
-    assert result.pairs == 5
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
+    assert metric_sums[-1] == 5  # pairs
+    assert tokens == int(data.lengths.sum()) and supervised == sum(mb.num_supervised for mb in step)
     for (name, p), q in zip(patched.named_parameters(), unpatched.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad.float(), rtol=1e-4, atol=1e-6, msg=name)
 
@@ -132,8 +135,8 @@ def test_accumulation_and_packing_change_nothing():
         steps = list(loader.steps(0))
         assert len(steps) == 1  # the whole dataset in one optimizer step, in 1, 12 or 3 micro-batches
         assert sum(len(mb.doc_ids) for mb in steps[0]) == 12
-        result = preference_forward_backward(model, steps[0], settings, DEVICE, None, reference=reference)
-        grads.append((result.loss, [p.grad.clone() for p in model.parameters()]))
+        loss, *_ = preference_forward_backward(model, steps[0], settings, DEVICE, None, reference=reference)
+        grads.append((loss, [p.grad.clone() for p in model.parameters()]))
     for loss, grad in grads[1:]:
         torch.testing.assert_close(loss, grads[0][0], rtol=1e-5, atol=1e-7)
         for g, g0 in zip(grad, grads[0][1], strict=True):

@@ -19,6 +19,14 @@ from .dataset import TokenizedDataset, TokenizeReport, default_cache_dir, prepar
 from .formats import DataError, LoadReport, Record, iter_records, load_records
 from .loader import PackedLoader
 from .packing import Packing, Schedule, deal_to_ranks, pack_documents
+from .preference import (
+    PreferenceDataset,
+    PreferencePair,
+    PreferenceReport,
+    iter_preference_records,
+    load_preference_records,
+    prepare_preference_dataset,
+)
 from .templates import CHATML_TEMPLATE, MaskOptions, ResponseMasker
 
 __all__ = [
@@ -30,6 +38,9 @@ __all__ = [
     "MicroBatch",
     "PackedLoader",
     "Packing",
+    "PreferenceDataset",
+    "PreferencePair",
+    "PreferenceReport",
     "Record",
     "ResponseMasker",
     "Schedule",
@@ -38,8 +49,11 @@ __all__ = [
     "build_micro_batch",
     "deal_to_ranks",
     "default_cache_dir",
+    "iter_preference_records",
     "iter_records",
+    "load_preference_records",
     "load_records",
     "pack_documents",
     "prepare_dataset",
+    "prepare_preference_dataset",
 ]

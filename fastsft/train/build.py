@@ -206,24 +206,46 @@ def data_settings(config: TrainConfig) -> dict:
 
 
 def data_source(config: TrainConfig, name: str, split: str):
-    """What prepare_dataset reads for data.train / data.eval `name`: a path, or the built-in synthetic records
-    (split "train" or "heldout")."""
+    """What prepare_dataset (or, for preference objectives, prepare_preference_dataset) reads for data.train /
+    data.eval `name`: a path, or the built-in synthetic records (split "train" or "heldout"): instruction
+    dialogues, or preference pairs (the correct answer chosen, a near miss rejected)."""
     if name != "synthetic":
         return name
-    from .synthetic import synthetic_records
+    from .synthetic import synthetic_preference_records, synthetic_records
 
     count = SYNTHETIC_TRAIN_RECORDS if split == "train" else SYNTHETIC_EVAL_RECORDS
-    return synthetic_records(count, seed=config.seed, split=split)
+    make = synthetic_preference_records if config.is_preference else synthetic_records
+    return make(count, seed=config.seed, split=split)
+
+
+def preference_data_settings(config: TrainConfig) -> dict:
+    """prepare_preference_dataset's keyword arguments from config.data."""
+    data = config.data
+    return {
+        "max_seq_len": data.max_seq_len,
+        "chat_template": data.chat_template,
+        "truncation": data.truncation,
+        "on_bad_record": data.on_bad_record,
+        "cache_dir": data.cache_dir,
+    }
+
+
+def _prepare(config: TrainConfig, tokenizer, source):
+    if config.is_preference:
+        from fastsft.data import prepare_preference_dataset
+
+        return prepare_preference_dataset(source, tokenizer, **preference_data_settings(config))
+    return prepare_dataset(source, tokenizer, **data_settings(config))
 
 
 def eval_dataset(config: TrainConfig, tokenizer, source: str):
     """The held-out TokenizedDataset of data.eval `source`, exactly as training prepares it."""
-    return prepare_dataset(data_source(config, source, "heldout"), tokenizer, **data_settings(config))
+    return _prepare(config, tokenizer, data_source(config, source, "heldout"))
 
 
 def datasets(config: TrainConfig, tokenizer):
-    """(train TokenizedDataset, eval TokenizedDataset or None)."""
-    train = prepare_dataset(data_source(config, config.data.train, "train"), tokenizer, **data_settings(config))
+    """(train TokenizedDataset, eval TokenizedDataset or None); preference objectives: PreferenceDatasets."""
+    train = _prepare(config, tokenizer, data_source(config, config.data.train, "train"))
     source = config.data.eval_source
     return train, (eval_dataset(config, tokenizer, source) if source is not None else None)
 

@@ -320,6 +320,33 @@ class EvalConfig(Section):
     samples: int = setting(3, "print this many (prompt, reference, generated) examples at the end of the run", ge=0)
 
 
+# Each preference objective's usual beta (DPO, IPO, ORPO's lambda: TRL's defaults; SimPO: its paper's range).
+DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.1}
+
+
+@dataclass(frozen=True)
+class PreferenceConfig(Section):
+    """Preference tuning (objective dpo / ipo / simpo / orpo): data.train holds (prompt, chosen, rejected) pairs in
+    TRL's formats; only the chosen and rejected completions are scored. DPO and IPO compare with a reference model:
+    the model as it is before training (with LoRA: the base model), whose log-probs are computed once."""
+
+    SECTION: ClassVar[str] = "preference"
+
+    beta: float | None = setting(
+        None,
+        "dpo / ipo: strength of the pull towards the reference; simpo: the reward scale; orpo: the odds-ratio "
+        "term's weight (lambda); null: 0.1 (dpo, ipo, orpo) or 2.0 (simpo)",
+        gt=0,
+    )
+    label_smoothing: float = setting(
+        0.0, "dpo / simpo: the assumed probability that a preference label is flipped (conservative DPO)", ge=0, le=0.5
+    )
+    gamma: float = setting(0.5, "simpo: the target reward margin between chosen and rejected", ge=0)
+
+    def beta_for(self, objective: str) -> float:
+        return self.beta if self.beta is not None else DEFAULT_BETA[objective]
+
+
 @dataclass(frozen=True)
 class DistributedConfig(Section):
     """Data parallelism across processes (launch with torchrun) and gradient accumulation."""
@@ -388,8 +415,8 @@ class TrainConfig(ConfigRoot):
     """Everything `fastsft train` needs. `TrainConfig()` is the built-in default job: the "tiny" preset learns a
     synthetic task on 2 CPU cores in about two minutes (2000 steps of 1024-token micro-batches).
 
-    Top-level keys: output_dir, seed. Sections (dotted keys `<section>.<key>`): model, data, packing, optimizer,
-    schedule, kernels, lora, checkpointing, logging, eval, distributed, nan_guard.
+    Top-level keys: output_dir, seed, objective. Sections (dotted keys `<section>.<key>`): model, data, packing,
+    optimizer, schedule, kernels, lora, checkpointing, logging, eval, distributed, nan_guard, preference.
     """
 
     # What the config errors say besides the keys themselves (see typed_config.ConfigRoot).
@@ -403,6 +430,11 @@ class TrainConfig(ConfigRoot):
         "a fresh one per run (so checkpointing.resume=auto only resumes when output_dir is given)",
     )
     seed: int = setting(0, "seed of model initialisation (presets, LoRA), dropout and synthetic data", ge=0)
+    objective: Literal["sft", "dpo", "ipo", "simpo", "orpo"] = setting(
+        "sft",
+        "sft: instruction tuning on the replies; dpo / ipo / simpo / orpo: preference tuning on (prompt, chosen, "
+        "rejected) pairs (see the preference section; data.train=synthetic gives built-in pairs)",
+    )
     model: ModelConfig = subsection(ModelConfig, "the model to fine-tune")
     data: DataConfig = subsection(DataConfig, "training and evaluation data, chat template, response masks")
     packing: PackingConfig = subsection(PackingConfig, "micro-batch token budget and packing order")
@@ -415,9 +447,32 @@ class TrainConfig(ConfigRoot):
     eval: EvalConfig = subsection(EvalConfig, "evaluation during and after training")
     distributed: DistributedConfig = subsection(DistributedConfig, "data parallelism and gradient accumulation")
     nan_guard: NanGuardConfig = subsection(NanGuardConfig, "skipping steps with a non-finite loss or gradient")
+    preference: PreferenceConfig = subsection(PreferenceConfig, "preference tuning (objective dpo, ipo, simpo, orpo)")
+
+    @property
+    def is_preference(self) -> bool:
+        return self.objective != "sft"
 
     def _check(self) -> None:
         nonempty(self, "output_dir")
+        if self.is_preference and self.data.format != "auto":
+            raise ConfigError(
+                f"data.format={self.data.format} is an instruction format; objective={self.objective} reads "
+                "preference pairs (prompt / chosen / rejected), detected from their keys: leave data.format=auto",
+                "data.format",
+            )
+        if self.objective in ("ipo", "orpo") and self.preference.label_smoothing:
+            raise ConfigError(
+                f"preference.label_smoothing={self.preference.label_smoothing} applies to dpo and simpo, not "
+                f"objective={self.objective}",
+                "preference.label_smoothing",
+            )
+        if self.is_preference and self.kernels.cross_entropy is False:
+            raise ConfigError(
+                f"objective={self.objective} scores sequences with fastsft's fused log-probs, which come with the "
+                "fused loss: leave kernels.cross_entropy=true",
+                "kernels.cross_entropy",
+            )
         if self.packing.max_tokens < self.data.max_seq_len:
             raise ConfigError(
                 f"packing.max_tokens={self.packing.max_tokens} is smaller than data.max_seq_len="
@@ -522,6 +577,7 @@ __all__ = [
     "NanGuardConfig",
     "OptimizerConfig",
     "PackingConfig",
+    "PreferenceConfig",
     "ScheduleConfig",
     "TrainConfig",
     "describe_keys",

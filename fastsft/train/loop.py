@@ -25,7 +25,7 @@ import functools
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,7 @@ import torch
 
 from fastsft.data import PackedLoader
 
-from . import build, evaluation, outputs
+from . import build, evaluation, outputs, preference
 from . import checkpoint as ckpt
 from . import step as steps
 from .config import TrainConfig
@@ -91,6 +91,7 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
     dist.check_same("the tokenized training data", data_fingerprint)
     log(f"data: {train_data.report.summary()}")
     grad_accum = config.distributed.grad_accum
+    group = 2 if config.is_preference else 1  # preference pairs: a pair's two sequences in one micro-batch
     loader = PackedLoader(
         train_data,
         max_tokens=config.packing.max_tokens,
@@ -98,10 +99,20 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
         world_size=dist.world_size,
         rank=dist.rank,
         grad_accum=grad_accum,
+        group=group,
     )
     # Eval: the whole held-out packing, the same whatever the number of ranks (evaluate_loss deals it).
-    eval_loader = PackedLoader(eval_data, max_tokens=config.packing.max_tokens) if eval_data is not None else None
+    eval_loader = (
+        PackedLoader(eval_data, max_tokens=config.packing.max_tokens, group=group) if eval_data is not None else None
+    )
     layout = functools.partial(_layout, loader, data_fingerprint, dist.world_size * grad_accum)
+
+    # Preference objectives: the settings, and what names the reference log-probs (the initial weights).
+    settings = preference.settings_of(config) if config.is_preference else None
+    reference_key = None
+    if settings is not None and settings.needs_reference:
+        reference_key = dist.all_gather_object(preference.weights_fingerprint(weights) if weights is not None else None)
+        reference_key = f"{reference_key[0]}-{data_fingerprint}"
 
     # Where the run stands.
     position, state = ckpt.Position(), None
@@ -147,6 +158,22 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
         model = dist.wrap(model.to(device), compute_dtype)
     del weights
     model.train()
+    objective_step, references = None, {}
+    if settings is not None:
+        references = preference.references(
+            model,
+            settings,
+            reference_key,
+            {"train": train_data, "eval": eval_data},
+            config,
+            device,
+            autocast_dtype,
+            run_dir,
+            resumed=resume_from is not None,
+            dist=dist,
+            log=log,
+        )
+        objective_step = preference.step_function(settings, references.get("train"))
     optimizer = build.optimizer(model, config, device)
     if state is not None:
         dist.load_optimizer_state(model, optimizer, state["optimizer"])
@@ -183,7 +210,11 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
         total_steps=total_steps,
         peak_flops=peak_flops(device, compute_dtype),
         metrics=metrics,
+        preference=settings,
+        references=references,
     )
+    if settings is not None and eval_loader is not None and position.step == 0:
+        run.evaluate(before_training=True)
     guard = steps.NanGuard(config.nan_guard.max_skipped_steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
     bar = _progress(config.logging.progress_bar and dist.is_main, total_steps, position.step)
@@ -204,6 +235,7 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
                     autocast_dtype=autocast_dtype,
                     dist=dist,
                     count_flops=count_flops,
+                    objective_forward_backward=objective_step,
                 )
                 if not outcome.applied:
                     position.skipped_steps += 1
@@ -278,6 +310,8 @@ class _Run:
     total_steps: int
     peak_flops: float | None  # FLOP/s of one device; None on CPU / unknown GPUs: no MFU
     metrics: MetricsLogger
+    preference: object = None  # PreferenceSettings of a preference objective, None for SFT
+    references: dict = field(default_factory=dict)  # "train" / "eval" -> reference log-probs (DPO / IPO)
     evaluated_at: int = -1
 
     def __post_init__(self):
@@ -310,6 +344,7 @@ class _Run:
                 "peak_memory_gib": torch.cuda.max_memory_allocated(self.device) / 2**30 if cuda else None,
                 "skipped_steps": self.position.skipped_steps,
                 "tokens_seen": self.position.tokens,
+                **preference.window_metrics(summary.extras),
             }
         )
         if bar is None and self.position.step >= self.next_report:  # no terminal: a line per ~5% of the run
@@ -321,11 +356,32 @@ class _Run:
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)  # each window reports its own peak
 
-    def evaluate(self) -> None:
-        self.result.eval_loss = evaluation.evaluate_loss(
-            self.model, self.eval_loader, self.device, self.autocast_dtype, self.config.eval.max_batches, self.dist
-        )
-        self.metrics.write({"step": self.position.step, "eval_loss": self.result.eval_loss})
+    def evaluate(self, *, before_training: bool = False) -> None:
+        if self.preference is not None:
+            held_out = preference.evaluate_preference(
+                self.model,
+                self.eval_loader,
+                self.preference,
+                self.references.get("eval"),
+                self.device,
+                self.autocast_dtype,
+                self.config.eval.max_batches,
+                self.dist,
+            )
+            held_out = held_out or {}
+            if before_training:
+                self.result.reward_accuracy_before = held_out.get("reward_accuracy")
+                self.log(f"held-out reward accuracy before training: {held_out.get('reward_accuracy', 0.0):.1%}")
+                return
+            self.result.eval_loss = held_out.get("loss")
+            self.result.reward_accuracy_after = held_out.get("reward_accuracy")
+            extra = {f"eval_{key}": value for key, value in held_out.items() if key != "loss"}
+        else:
+            self.result.eval_loss = evaluation.evaluate_loss(
+                self.model, self.eval_loader, self.device, self.autocast_dtype, self.config.eval.max_batches, self.dist
+            )
+            extra = {}
+        self.metrics.write({"step": self.position.step, "eval_loss": self.result.eval_loss, **extra})
         self.evaluated_at = self.position.step
 
     def save(self) -> Path:

@@ -35,6 +35,8 @@ class TrainResult:
     eval_loss: float | None = None
     exact_match_before: float | None = None
     exact_match_after: float | None = None
+    reward_accuracy_before: float | None = None  # preference objectives: held-out pairs whose chosen reply
+    reward_accuracy_after: float | None = None  # gets the higher implicit reward
     skipped_steps: int = 0
     losses: list[float] = field(default_factory=list)  # every step's loss, from step losses_first_step on
     losses_first_step: int = 1  # 1: the whole run (a resume carries the earlier steps' losses in its checkpoint)
@@ -199,6 +201,8 @@ def finished_result(
             "eval_loss",
             "exact_match_before",
             "exact_match_after",
+            "reward_accuracy_before",
+            "reward_accuracy_after",
             "losses",
             "losses_first_step",
         ):
@@ -217,6 +221,7 @@ def finished_result(
             ("loss", "final_loss"),
             ("eval_loss", "eval_loss"),
             ("exact_match", "exact_match_after"),
+            ("eval_reward_accuracy", "reward_accuracy_after"),
         ):
             if key in record:
                 setattr(result, attribute, record[key])

@@ -81,6 +81,7 @@ class StepOutcome:
     flops: float  # model FLOPs of the step on this rank (host-side count)
     grad_norm: torch.Tensor | None  # before clipping; None when the step was skipped
     applied: bool  # False: a non-finite gradient norm, the optimizer did not step
+    extras: torch.Tensor | None = None  # an objective's own metric sums (preference: see PREFERENCE_METRICS)
 
 
 def train_step(
@@ -96,18 +97,25 @@ def train_step(
     autocast_dtype,
     dist: Distributed,
     count_flops,
+    objective_forward_backward=None,
 ) -> StepOutcome:
     """Forward/backward over the step's micro-batches, clip, the NaN guard, AdamW, the LR schedule.
-    `count_flops(cu_seqlens_diff, lm_head_tokens=)` is the run's FlopCounter (host-side lengths: no sync)."""
+    `count_flops(cu_seqlens_diff, lm_head_tokens=)` is the run's FlopCounter (host-side lengths: no sync).
+    `objective_forward_backward(model, step_batches, device, autocast_dtype, dist)`: another objective's forward
+    and backward (preference tuning) returning (loss, tokens, supervised, metric sums); None: SFT's."""
     flops = sum(count_flops(mb.cu_seqlens.diff(), lm_head_tokens=mb.num_supervised) for mb in step_batches)
-    loss, tokens, supervised = forward_backward(model, step_batches, device, autocast_dtype, dist)
+    extras = None
+    if objective_forward_backward is None:
+        loss, tokens, supervised = forward_backward(model, step_batches, device, autocast_dtype, dist)
+    else:
+        loss, tokens, supervised, extras = objective_forward_backward(model, step_batches, device, autocast_dtype, dist)
     grad_norm = clip_grad_norm(trainable, grad_clip)
     applied = guard.allows(grad_norm)
     if applied:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
-    return StepOutcome(loss, tokens, supervised, flops, grad_norm if applied else None, applied)
+    return StepOutcome(loss, tokens, supervised, flops, grad_norm if applied else None, applied, extras)
 
 
 @dataclass
@@ -120,6 +128,7 @@ class WindowSummary:
     flops: float
     grad_norm: float  # mean over the applied steps (nan when none was applied)
     seconds: float  # training time (eval and checkpoints excluded)
+    extras: list[float] | None = None  # the objective's metric sums over the window and the ranks (StepOutcome)
 
 
 @dataclass
@@ -137,9 +146,12 @@ class MetricsWindow:
     started: float = field(default_factory=time.perf_counter)
     unsynced_tokens: int = 0
     unsynced_supervised: int = 0
+    extras: torch.Tensor | None = None
 
     def add(self, outcome: StepOutcome) -> None:
         self.losses.append(outcome.loss)
+        if outcome.extras is not None:
+            self.extras = outcome.extras.detach() if self.extras is None else self.extras + outcome.extras.detach()
         if outcome.grad_norm is not None:
             self.norms.append(outcome.grad_norm)
         self.tokens += outcome.tokens
@@ -171,10 +183,18 @@ class MetricsWindow:
         counts = torch.tensor(
             [float(self.tokens), float(self.supervised), float(self.flops)], device=device, dtype=torch.float64
         )
-        summed = dist.all_reduce_sum(torch.cat([torch.stack(self.losses).double(), counts])).tolist()
+        extras = [] if self.extras is None else [self.extras.double()]
+        summed = dist.all_reduce_sum(torch.cat([torch.stack(self.losses).double(), *extras, counts])).tolist()
         norm = torch.stack(self.norms).mean().item() if self.norms else float("nan")
-        summary = WindowSummary(summed[:-3], *summed[-3:], grad_norm=norm, seconds=time.perf_counter() - self.started)
-        self.losses, self.norms = [], []
+        n_extras = 0 if self.extras is None else self.extras.numel()
+        summary = WindowSummary(
+            summed[: len(self.losses)],
+            *summed[-3:],
+            grad_norm=norm,
+            seconds=time.perf_counter() - self.started,
+            extras=summed[len(self.losses) : len(self.losses) + n_extras] if n_extras else None,
+        )
+        self.losses, self.norms, self.extras = [], [], None
         self.tokens = self.supervised = 0
         self.flops = 0.0
         self.started = time.perf_counter()

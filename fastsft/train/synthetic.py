@@ -278,6 +278,53 @@ def exact_match_items(n: int, seed: int, **kwargs) -> list[tuple[list[dict], str
     return items
 
 
+def near_miss(exchange: Exchange, rng: random.Random) -> str:
+    """A subtly wrong answer to `exchange` (for preference pairs: the correct answer is chosen, this rejected):
+    one digit of a sum or difference off by one, two letters of a reversal or two digits of a sort swapped, a
+    count off by one, another row's capital or color. Never equal to the correct answer."""
+    answer, task = exchange.answer, exchange.task
+    if task in ("add", "sub"):
+        position = rng.randrange(len(answer))
+        digit = int(answer[position])
+        options = [d for d in (digit - 1, digit + 1) if 0 <= d <= 9 and not (position == 0 and d == 0)]
+        return answer[:position] + str(rng.choice(options)) + answer[position + 1 :]
+    if task == "count_items":
+        count = int(answer)
+        return str(count + 1 if count == 2 or rng.random() < 0.5 else count - 1)
+    if task in ("reverse", "sort"):
+        parts = answer.split(" ") if task == "sort" else list(answer)
+        swaps = [i for i in range(len(parts) - 1) if parts[i] != parts[i + 1]]
+        if swaps:
+            i = rng.choice(swaps)
+            parts[i], parts[i + 1] = parts[i + 1], parts[i]
+        elif task == "sort":  # all digits equal: one of them off by one
+            parts[-1] = str((int(parts[-1]) + 1) % 10)
+        else:  # a word of one repeated letter (never drawn, but total): a different last letter
+            parts[-1] = "a" if parts[-1] != "a" else "e"
+        return (" " if task == "sort" else "").join(parts)
+    table = CAPITALS if task == "capital" else COLORS
+    return rng.choice(sorted({value for _, value in table} - {answer}))
+
+
+def synthetic_preference_records(n: int, *, seed: int, split: str = "train", **kwargs) -> list[dict]:
+    """`n` preference pairs in TRL's conversational form `{"prompt": [...], "chosen": [...], "rejected": [...]}`:
+    a dialogue from `split` up to its last question, its correct answer (chosen) and a near miss (rejected).
+    kwargs: `tasks`, `multi_turn` (synthetic_dialogues)."""
+    rng = random.Random(f"fastsft-synthetic-preference:{seed}:{split}")
+    records = []
+    for dialogue in synthetic_dialogues(n, seed=seed, split=split, **kwargs):
+        messages = dialogue.messages()
+        wrong = near_miss(dialogue.exchanges[-1], rng)
+        records.append(
+            {
+                "prompt": messages[:-1],
+                "chosen": [messages[-1]],
+                "rejected": [{"role": "assistant", "content": wrong}],
+            }
+        )
+    return records
+
+
 def normalize_answer(text: str) -> str:
     """Whitespace runs collapsed to one space, ends stripped."""
     return re.sub(r"\s+", " ", text).strip()
