@@ -65,10 +65,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         lines[-1] += f", final training loss {result.final_loss:.4f}"
     if result.eval_loss is not None:
         lines.append(f"held-out loss: {result.eval_loss:.4f}")
-    if result.reward_accuracy_after is not None:
-        before = result.reward_accuracy_before
-        before = "" if before is None else f"{before:.1%} before training -> "
-        lines.append(f"held-out reward accuracy: {before}{result.reward_accuracy_after:.1%} after")
+    for name, after, before in (
+        ("reward accuracy", result.reward_accuracy_after, result.reward_accuracy_before),
+        ("chosen more likely than rejected", result.likelihood_accuracy_after, result.likelihood_accuracy_before),
+    ):
+        if after is not None:
+            before = "" if before is None else f"{before:.1%} before training -> "
+            lines.append(f"held-out pairs, {name}: {before}{after:.1%} after")
     if result.exact_match_after is not None:
         before = "" if result.exact_match_before is None else f"{result.exact_match_before:.1%} before training -> "
         lines.append(f"held-out exact match: {before}{result.exact_match_after:.1%} after")

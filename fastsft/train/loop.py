@@ -371,10 +371,15 @@ class _Run:
             held_out = held_out or {}
             if before_training:
                 self.result.reward_accuracy_before = held_out.get("reward_accuracy")
-                self.log(f"held-out reward accuracy before training: {held_out.get('reward_accuracy', 0.0):.1%}")
+                self.result.likelihood_accuracy_before = held_out.get("likelihood_accuracy")
+                self.log(
+                    f"held-out pairs before training: reward accuracy {held_out.get('reward_accuracy', 0.0):.1%}, "
+                    f"chosen more likely than rejected {held_out.get('likelihood_accuracy', 0.0):.1%}"
+                )
                 return
             self.result.eval_loss = held_out.get("loss")
             self.result.reward_accuracy_after = held_out.get("reward_accuracy")
+            self.result.likelihood_accuracy_after = held_out.get("likelihood_accuracy")
             extra = {f"eval_{key}": value for key, value in held_out.items() if key != "loss"}
         else:
             self.result.eval_loss = evaluation.evaluate_loss(

@@ -37,6 +37,8 @@ class TrainResult:
     exact_match_after: float | None = None
     reward_accuracy_before: float | None = None  # preference objectives: held-out pairs whose chosen reply
     reward_accuracy_after: float | None = None  # gets the higher implicit reward
+    likelihood_accuracy_before: float | None = None  # ... whose chosen reply the model finds more likely (per
+    likelihood_accuracy_after: float | None = None  # token) than the rejected one
     skipped_steps: int = 0
     losses: list[float] = field(default_factory=list)  # every step's loss, from step losses_first_step on
     losses_first_step: int = 1  # 1: the whole run (a resume carries the earlier steps' losses in its checkpoint)
@@ -203,6 +205,8 @@ def finished_result(
             "exact_match_after",
             "reward_accuracy_before",
             "reward_accuracy_after",
+            "likelihood_accuracy_before",
+            "likelihood_accuracy_after",
             "losses",
             "losses_first_step",
         ):
@@ -222,6 +226,7 @@ def finished_result(
             ("eval_loss", "eval_loss"),
             ("exact_match", "exact_match_after"),
             ("eval_reward_accuracy", "reward_accuracy_after"),
+            ("eval_likelihood_accuracy", "likelihood_accuracy_after"),
         ):
             if key in record:
                 setattr(result, attribute, record[key])

@@ -153,7 +153,8 @@ def evaluate_preference(
     """Held-out preference metrics over the first `max_batches` micro-batches of `loader`'s epoch-0 packing
     (dealt over the ranks and all-reduced, so the numbers do not depend on the world size): the mean pair loss,
     reward accuracy (the share of pairs whose chosen reply gets the higher reward) and reward margin. None when
-    there are no pairs."""
+    there are no pairs. Also the likelihood accuracy: the share of pairs whose chosen reply the model finds more
+    likely per token than the rejected one."""
     dist = dist or Distributed()
     packing = loader.schedule(0).packing
     count = len(packing) if max_batches is None else min(max_batches, len(packing))
@@ -161,23 +162,32 @@ def evaluate_preference(
     rounds = -(-count // dist.world_size)
     was_training = model.training
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, accuracy, margin, pairs
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, accuracy, margin, likelihood accuracy, pairs
     for i in range(rounds):
         keep = i < len(mine)
         # FSDP: every rank runs the same number of forwards; a rank short of one repeats a micro-batch, discarded.
         mb = build_micro_batch(loader.dataset, loader.examples(packing.bin(mine[i] if keep else 0))).to(device)
         logprob_sums, counts = sequence_logprobs(model, mb, device, autocast_dtype)
         result = pair_losses(settings, logprob_sums, counts, _reference_of(mb, reference, device))
+        # The model's own preference: is the chosen reply more likely per token than the rejected one? (DPO's
+        # implicit reward is 0 for both before training; this is not.)
+        means = logprob_sums / counts.clamp_min(1.0)
+        likelihood = (means[0::2] > means[1::2]).double().sum()
         if keep:
-            sums += torch.stack(
-                [result.losses.sum(), result.accuracies.sum(), result.margins.sum(), result.losses.new_tensor(0.0)]
+            sums[:4] += torch.stack(
+                [result.losses.sum(), result.accuracies.sum(), result.margins.sum(), likelihood.float()]
             ).double()
-            sums[3] += mb.num_documents // 2
+            sums[4] += mb.num_documents // 2
     model.train(was_training)
-    loss, accuracy, margin, pairs = dist.all_reduce_sum(sums).tolist()
+    loss, accuracy, margin, likelihood, pairs = dist.all_reduce_sum(sums).tolist()
     if not pairs:
         return None
-    return {"loss": loss / pairs, "reward_accuracy": accuracy / pairs, "reward_margin": margin / pairs}
+    return {
+        "loss": loss / pairs,
+        "reward_accuracy": accuracy / pairs,
+        "reward_margin": margin / pairs,
+        "likelihood_accuracy": likelihood / pairs,
+    }
 
 
 def weights_fingerprint(model) -> str:
