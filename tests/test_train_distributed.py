@@ -236,3 +236,31 @@ def test_fsdp_in_bf16_tracks_one_process(tmp_path, cache, one_process_runs):
         assert losses[step] == pytest.approx(expected[step], rel=2e-2), step
     final = weights(run_dir / "checkpoint-3")
     assert all(t.dtype == torch.float32 for t in final.values())  # the master weights are saved
+
+
+PREFERENCE_MAX_TOKENS = 710  # the 300 synthetic pairs pack into 60 micro-batches: even (see the cache fixture)
+
+
+@pytest.fixture(scope="module")
+def preference_cache(tmp_path_factory):
+    from fastsft.data import prepare_preference_dataset
+    from fastsft.train.synthetic import synthetic_preference_records
+
+    path = tmp_path_factory.mktemp("preference-cache")
+    records = synthetic_preference_records(TRAIN_RECORDS, seed=0, split="train")
+    data = prepare_preference_dataset(records, tiny_tokenizer(), max_seq_len=256, cache_dir=path)
+    pair_lengths = data.lengths.reshape(-1, 2).sum(axis=1)
+    assert len(pack_documents(pair_lengths, PREFERENCE_MAX_TOKENS, seed=0, epoch=0)) % 2 == 0
+    return path
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_dpo_on_two_processes_equals_one_process_with_twice_the_accumulation(tmp_path, preference_cache, strategy):
+    """DPO: pairs stay whole on one rank, the step's pair count is global, and every rank runs the reference
+    pass (FSDP needs them all): losses, eval loss, first gradients and final weights of 1 process."""
+    extra = ("objective=dpo", f"packing.max_tokens={PREFERENCE_MAX_TOKENS}")
+    reference = _one_process(tmp_path / "one" / "run", preference_cache, extra)
+    run_dir = tmp_path / "run"
+    torchrun(2, overrides(run_dir, preference_cache, f"distributed.strategy={strategy}", *extra))
+    assert_same_run(run_dir, reference)
+    assert metrics(run_dir, "reward_accuracy") == pytest.approx(metrics(reference, "reward_accuracy"), abs=1e-6)
