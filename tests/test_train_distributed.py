@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -260,7 +261,12 @@ def test_dpo_on_two_processes_equals_one_process_with_twice_the_accumulation(tmp
     pass (FSDP needs them all): losses, eval loss, first gradients and final weights of 1 process."""
     extra = ("objective=dpo", f"packing.max_tokens={PREFERENCE_MAX_TOKENS}")
     reference = _one_process(tmp_path / "one" / "run", preference_cache, extra)
+    for cached in preference_cache.glob("*/reference-*.npy"):  # the 2 ranks compute the reference pass themselves
+        cached.unlink()
     run_dir = tmp_path / "run"
     torchrun(2, overrides(run_dir, preference_cache, f"distributed.strategy={strategy}", *extra))
+    for name in ("train", "eval"):
+        file = f"reference_logprobs_{name}.npy"
+        np.testing.assert_allclose(np.load(run_dir / file), np.load(reference / file), rtol=1e-6)
     assert_same_run(run_dir, reference)
     assert metrics(run_dir, "reward_accuracy") == pytest.approx(metrics(reference, "reward_accuracy"), abs=1e-6)

@@ -259,7 +259,14 @@ def label_logprobs(model, shift_labels: torch.Tensor, **inputs) -> torch.Tensor:
     shift_labels: [B, S] int, already shifted (the token each position predicts), -100 where no log-prob is
         wanted (prompt, document ends). Returns [B * S] float32, 0 at -100 positions, differentiable.
     """
-    base = model.get_base_model() if type(model).__module__.startswith("peft.") else model
+    base = model
+    while True:  # the causal LM inside DDP / DataParallel and PEFT wrappers (the call still goes through them)
+        if isinstance(base, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            base = base.module
+        elif type(base).__module__.startswith("peft.") and callable(getattr(base, "get_base_model", None)):
+            base = base.get_base_model()
+        else:
+            break
     state = base.__dict__.get("_fastsft_loss")
     if state is None or _plain_linear_head(base) is None:
         why = "its lm_head is wrapped (e.g. a LoRA adapter on lm_head)" if state is not None else "it is not patched"

@@ -174,6 +174,9 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
             log=log,
         )
         objective_step = preference.step_function(settings, references.get("train"))
+        # FSDP: the reference pass's no-grad forwards leave the root unit unsharded; the optimizer must see the
+        # sharded parameters (see Distributed.reshard).
+        dist.reshard(model)
     optimizer = build.optimizer(model, config, device)
     if state is not None:
         dist.load_optimizer_state(model, optimizer, state["optimizer"])
@@ -215,6 +218,7 @@ def _train(config: TrainConfig, dist: Distributed, log) -> TrainResult:
     )
     if settings is not None and eval_loader is not None and position.step == 0:
         run.evaluate(before_training=True)
+        dist.reshard(model)  # no-grad forwards before the first training step: see Distributed.reshard
     guard = steps.NanGuard(config.nan_guard.max_skipped_steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
     bar = _progress(config.logging.progress_bar and dist.is_main, total_steps, position.step)
