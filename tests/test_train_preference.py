@@ -197,3 +197,21 @@ def test_the_readme_preference_loop_runs_as_written(tmp_path):
     out = namespace["out"]
     assert out.losses.shape[0] >= 1 and torch.isfinite(out.losses).all()
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+
+
+def test_dpo_with_lora_uses_the_base_model_as_reference(tmp_path, monkeypatch):
+    """With LoRA the reference pass runs with the adapters disabled (the base model); the run trains the
+    adapters only and saves them in PEFT's format."""
+    pytest.importorskip("peft")
+    seen = []
+    original = preference_module._adapters_disabled
+
+    def spying(model):
+        seen.append(callable(getattr(model, "disable_adapter", None)))
+        return original(model)
+
+    monkeypatch.setattr(preference_module, "_adapters_disabled", spying)
+    result = loop.train(small_config(tmp_path, "objective=dpo", "lora.enabled=true"), log=lambda *_: None)
+    assert seen and all(seen)  # the train and eval reference passes both ran on the PEFT model, adapters off
+    assert result.steps == 8 and all(np.isfinite(result.losses))
+    assert (result.run_dir / "checkpoint-8" / "adapter_config.json").is_file()
