@@ -13,10 +13,11 @@ subprocess with its own share of the budget (time a part leaves unused passes to
 | bench_cross_entropy | `--quick`: fused linear CE vs Liger / torch / CCE, N=16384, V=128256 | 12% |
 | bench_elementwise | `--quick`: RoPE / RMSNorm / SwiGLU GB/s vs copy bandwidth | 8% |
 | bench_attention | `--quick`: varlen attention TFLOP/s vs torch varlen_attn, flex, SDPA per document | 12% |
-| bench_sft | end to end (HF padded / packed / + Liger / fastsft per attention backend), loss parity | the rest |
+| bench_sft | end to end (HF padded / packed / + Liger / fastsft per attention backend), loss parity | the rest (32%) |
+| bench_dpo | `--shapes llama-3.2-1b`: DPO step, fastsft packed vs TRL padded / + Liger / fused head, parity | 14% |
 
-bench_sft takes its time as `--budget-s`, splits it between its rows and the loss-curve parity, and stops
-cleanly itself.
+bench_sft and bench_dpo take their time as `--budget-s`, split it between their rows and their parity checks,
+and stop cleanly themselves.
 
 A part that runs past its time is stopped (SIGTERM to its process group, SIGKILL 10 s later) and recorded
 as "out of time" with whatever files it had written; a part that fails is recorded with its exit code and
@@ -90,9 +91,11 @@ class Part:
                 *tests,
             ]
         script = str(BENCHMARKS / f"{self.name}.py")
-        if self.name == "bench_sft":
-            # bench_sft splits its own time between its rows and the parity run, and stops cleanly.
+        if self.name in ("bench_sft", "bench_dpo"):
+            # These split their own time between their rows and their parity checks, and stop cleanly.
             mode = ["--dry-run"] if dry_run else []
+            if self.name == "bench_dpo":  # the target shape only: its share holds one shape's rows
+                mode += ["--shapes", "llama-3.2-1b"]
             return [
                 python,
                 script,
@@ -111,6 +114,7 @@ PARTS = (
     Part("bench_elementwise", 0.08, "RoPE / RMSNorm / SwiGLU vs copy bandwidth"),
     Part("bench_attention", 0.12, "varlen attention vs torch varlen_attn / flex / SDPA"),
     Part("bench_sft", None, "end to end vs HF padded / packed / + Liger, and loss-curve parity"),
+    Part("bench_dpo", 0.14, "DPO step vs TRL padded / + Liger, and loss parity"),
 )
 
 
