@@ -87,13 +87,16 @@ def test_unbuildable_types_have_a_reason(sweep):
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
 def test_table_families_are_exact(sweep, model_type):
-    """The families fastsft.patch fully understands (families.FAMILIES) are never refused: exact."""
+    """The families fastsft.patch fully understands (families.FAMILIES) are never refused: exact. The one
+    exception is a router-aux variant whose UNPATCHED reference cannot run under this transformers (HF's own
+    forward fails, e.g. GraniteMoE's under 5.17): there is nothing to compare with, and the plain case is exact."""
     assert model_type in KEPT, (
         f"{model_type} is not a decoder-only causal LM of transformers {transformers.__version__}"
     )
     for _, _, router_aux in [c for c in CASES if c[0] == model_type]:
         case = sweep(model_type, router_aux)
-        assert case.outcome == "exact", f"{case.id}: {case.outcome}: {case.detail}\n{case.report}"
+        hf_fails = router_aux and case.outcome == "unbuildable" and case.detail.startswith("the unpatched reference")
+        assert case.outcome == "exact" or hf_fails, f"{case.id}: {case.outcome}: {case.detail}\n{case.report}"
 
 
 def test_dropped_types_say_why():
