@@ -82,3 +82,17 @@ def test_an_unpatched_model_is_a_clear_error():
     ids, positions, labels, _ = _packed()
     with pytest.raises(UnsupportedModelError, match="not patched"):
         label_logprobs(model, labels, input_ids=ids, position_ids=positions)
+
+
+def test_a_router_aux_loss_is_refused_not_dropped():
+    """An MoE model asked for its router auxiliary loss: the preference log-probs would leave it out, so they
+    refuse; with output_router_logits=False they are the model's."""
+    config = transformers.MixtralConfig(**BASE, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = fastsft.patch(transformers.MixtralForCausalLM(config))
+    ids, positions, labels, _ = _packed()
+    with pytest.raises(UnsupportedModelError, match="router auxiliary loss"):
+        label_logprobs(model, labels, input_ids=ids, position_ids=positions)
+    logprobs = label_logprobs(model, labels, input_ids=ids, position_ids=positions, output_router_logits=False)
+    assert logprobs.shape == (ids.numel(),) and bool(torch.isfinite(logprobs).all())

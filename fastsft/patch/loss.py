@@ -308,6 +308,11 @@ def causal_lm_forward(self, *args, **kwargs):
         if arguments.get("output_router_logits") is None:
             arguments["output_router_logits"] = bool(getattr(self.config, "output_router_logits", False))
         router = arguments["output_router_logits"]
+    if want_logprobs and router:  # an option that would be silently dropped: refuse it
+        raise UnsupportedModelError(
+            f"{type(self).__name__} adds a router auxiliary loss (output_router_logits=True), which fastsft's "
+            "preference losses do not include; set config.output_router_logits=False to train without it"
+        )
     _, decoder = base_decoder(self)
     outputs = decoder(**arguments, **extra, return_dict=True)
     hidden = outputs[0]
